@@ -1,0 +1,35 @@
+"""Builds the configured volume store and target."""
+
+from __future__ import annotations
+
+from app.backends.base import Backends, Target, VolumeStore
+from app.backends.targets.fake import FakeTarget
+from app.backends.volumes.fake import FakeVolumeStore
+from app.config import Settings
+
+
+def build_backends(settings: Settings) -> Backends:
+    volumes: VolumeStore
+    target: Target
+    if settings.volume_backend == "fake":
+        volumes = FakeVolumeStore(delay=settings.fake_delay)
+    elif settings.volume_backend == "file":
+        from app.backends.volumes.file import FileVolumeStore
+
+        volumes = FileVolumeStore(settings.file_dir)
+    else:
+        raise ValueError(f"volume backend {settings.volume_backend!r} is not available yet")
+
+    if settings.target == "fake":
+        target = FakeTarget(settings.target_iqn_prefix, settings.target_portal, delay=settings.fake_delay)
+    elif settings.target == "tgt":
+        from app.backends.targets.tgt import TgtTarget
+
+        target = TgtTarget(
+            iqn_prefix=settings.target_iqn_prefix,
+            portal=settings.target_portal,
+            control_port=settings.tgt_control_port,
+        )
+    else:
+        raise ValueError(f"target {settings.target!r} is not available yet")
+    return Backends(volumes=volumes, target=target)

@@ -1,0 +1,109 @@
+"""The `tether` command: serve, db upgrade, openapi, reconcile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from app.config import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.db.migrate import upgrade
+
+    settings = Settings()
+    if settings.is_sqlite:
+        if args.workers > 1:
+            print("tether: SQLite is single-process; use PostgreSQL for --workers > 1", file=sys.stderr)
+            return 2
+        upgrade(settings.database_url)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
+    return 0
+
+
+def _db_upgrade(_args: argparse.Namespace) -> int:
+    from app.db.migrate import upgrade
+
+    upgrade(Settings().database_url)
+    print("database is at the latest revision")
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from app.main import create_app
+
+    spec = create_app(Settings()).openapi()
+    target = Path(args.output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(spec, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {target}")
+    return 0
+
+
+def _reconcile(_args: argparse.Namespace) -> int:
+    from app.backends.dispatch import Dispatcher
+    from app.backends.factory import build_backends
+    from app.db.engine import Database
+    from app.services.reconcile import Reconciler
+
+    settings = Settings()
+
+    async def go() -> int:
+        db = Database(settings.database_url)
+        try:
+            report = await Reconciler(db, Dispatcher(settings.backend_workers), build_backends(settings)).run()
+        finally:
+            await db.dispose()
+        for name, value in vars(report).items():
+            print(f"{name}: {len(value)}" + (f" {value}" if value else ""))
+        return 1 if report.errors else 0
+
+    return asyncio.run(go())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tether", description="Tether: OpenStack Block Storage v3 volumes and attachments."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the API server (upgrades an embedded SQLite database first)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8776)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(func=_serve)
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply every migration").set_defaults(func=_db_upgrade)
+
+    openapi = commands.add_parser("openapi", help="write the OpenAPI spec")
+    openapi.add_argument("--output", default="openapi/openapi.json")
+    openapi.set_defaults(func=_openapi)
+
+    commands.add_parser(
+        "reconcile", help="finish interrupted work and make the target's exports and ACLs match the database"
+    ).set_defaults(func=_reconcile)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Settings: every knob an operator turns, read from TETHER_* variables or a .env file."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TETHER_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./var/tether.db"
+    database_pool_size: int = Field(default=10, ge=1)
+    volume_backend: Literal["fake", "file", "lvm"] = "fake"
+    target: Literal["fake", "tgt", "lio"] = "fake"
+    backend_workers: int = Field(default=4, ge=1, le=256)
+    admin_users: str = "admin"
+    target_portal: str = "127.0.0.1:3260"
+    target_iqn_prefix: str = "iqn.2010-10.org.openstack:"
+    tgt_control_port: int | None = None
+    lvm_vg: str = "cinder-volumes"
+    lvm_type: Literal["thick", "thin"] = "thick"
+    lvm_thin_pool: str = "tether-pool"
+    lvm_config: str | None = None
+    file_dir: str = "./var/volumes"
+    log_level: str = "INFO"
+    log_json: bool = False
+    # fake backends only: seconds each call sleeps (tests and benchmarks)
+    fake_delay: float = Field(default=0.0, ge=0)
+    availability_zone: str = "nova"
+    host: str = "tether@default#default"
+    reconcile_on_start: bool = True
+
+    @property
+    def admin_user_set(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.admin_users.split(",") if u.strip())
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")

@@ -1,0 +1,29 @@
+"""Running Alembic from code: `tether db upgrade`, the embedded SQLite upgrade at start-up, and tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def database_url() -> str:
+    from app.config import Settings
+
+    return os.environ.get("TETHER_DATABASE_URL") or Settings().database_url
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.attributes["url"] = url
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Blocking: run from a thread or before the event loop starts."""
+    command.upgrade(alembic_config(url), revision)

@@ -1,0 +1,143 @@
+"""Tables: volumes, their metadata and types, attachments and the connector rows of each attachment."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from uuid import uuid4
+
+from sqlalchemy import Column, ForeignKey, Index, String, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    # stored as timestamptz (SQLModel's UTCDateTime); views render naive UTC as Cinder does
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid4())
+
+
+class VolumeStatus(StrEnum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    RESERVED = "reserved"
+    ATTACHING = "attaching"
+    IN_USE = "in-use"
+    DETACHING = "detaching"
+    DELETING = "deleting"
+    ERROR = "error"
+    ERROR_DELETING = "error_deleting"
+    ERROR_RESTORING = "error_restoring"
+    ERROR_EXTENDING = "error_extending"
+    MAINTENANCE = "maintenance"
+
+
+class AttachStatus(StrEnum):
+    """Both the volume's attach_status and an attachment's status."""
+
+    DETACHED = "detached"
+    RESERVED = "reserved"
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    DETACHING = "detaching"
+    ERROR_ATTACHING = "error_attaching"
+    ERROR_DETACHING = "error_detaching"
+
+
+class VolumeType(SQLModel, table=True):
+    __tablename__ = "volume_types"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    name: str = Field(max_length=255, unique=True)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    is_public: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
+
+
+class VolumeTypeExtraSpec(SQLModel, table=True):
+    __tablename__ = "volume_type_extra_specs"
+
+    volume_type_id: str = Field(
+        sa_column=Column(String(36), ForeignKey("volume_types.id", ondelete="CASCADE"), primary_key=True)
+    )
+    key: str = Field(primary_key=True, max_length=255)
+    value: str = Field(max_length=255)
+
+
+class Volume(SQLModel, table=True):
+    __tablename__ = "volumes"
+    __table_args__ = (
+        Index("ix_volumes_project_created", "project_id", "created_at", "id"),
+        Index("ix_volumes_created", "created_at", "id"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    project_id: str = Field(max_length=255)
+    user_id: str = Field(max_length=255)
+    name: str | None = Field(default=None, max_length=255)
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    size: int
+    status: str = Field(default=VolumeStatus.CREATING, max_length=32, index=True)
+    attach_status: str = Field(default=AttachStatus.DETACHED, max_length=32)
+    availability_zone: str = Field(default="nova", max_length=255)
+    volume_type_id: str | None = Field(
+        default=None, sa_column=Column(String(36), ForeignKey("volume_types.id"), nullable=True, index=True)
+    )
+    multiattach: bool = False
+    bootable: bool = False
+    host: str | None = Field(default=None, max_length=255)
+    migration_status: str | None = Field(default=None, max_length=255)
+    replication_status: str | None = Field(default=None, max_length=255)
+    # where the target exports it, and the volume's CHAP credentials ("CHAP <user> <secret>")
+    provider_location: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    provider_auth: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
+
+
+class VolumeMetadata(SQLModel, table=True):
+    __tablename__ = "volume_metadata"
+    __table_args__ = (Index("ix_volume_metadata_key_value", "key", "value"),)
+
+    volume_id: str = Field(sa_column=Column(String(36), ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True))
+    key: str = Field(primary_key=True, max_length=255)
+    value: str = Field(max_length=255)
+
+
+class Attachment(SQLModel, table=True):
+    __tablename__ = "attachments"
+    __table_args__ = (
+        Index("ix_attachments_project_created", "project_id", "created_at", "id"),
+        Index("ix_attachments_created", "created_at", "id"),
+        Index("ix_attachments_volume_status", "volume_id", "attach_status"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    volume_id: str = Field(sa_column=Column(String(36), ForeignKey("volumes.id"), nullable=False))
+    # the volume's project, copied so project-scoped lists need no join
+    project_id: str = Field(max_length=255)
+    instance_uuid: str | None = Field(default=None, max_length=36, index=True)
+    attached_host: str | None = Field(default=None, max_length=255)
+    mountpoint: str | None = Field(default=None, max_length=255)
+    attach_time: datetime | None = None
+    detach_time: datetime | None = None
+    attach_mode: str = Field(default="null", max_length=36)
+    attach_status: str = Field(default=AttachStatus.RESERVED, max_length=32)
+    connection_info: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime | None = None
+
+
+class AttachmentSpec(SQLModel, table=True):
+    """One connector key of an attachment; the value is JSON text of any length."""
+
+    __tablename__ = "attachment_specs"
+
+    attachment_id: str = Field(
+        sa_column=Column(String(36), ForeignKey("attachments.id", ondelete="CASCADE"), primary_key=True)
+    )
+    key: str = Field(primary_key=True, max_length=255)
+    value: str = Field(sa_column=Column(Text, nullable=False))

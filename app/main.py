@@ -1,0 +1,129 @@
+"""create_app(settings): the FastAPI application, its error handlers and its lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.backends.base import Backends
+from app.backends.dispatch import Dispatcher
+from app.backends.factory import build_backends
+from app.config import Settings
+from app.db.engine import Database
+from app.errors import TetherError, fault_body
+from app.logs import configure_logging
+from app.middleware import APIMiddleware, _TooLarge
+from app.routers import attachments, types, versions, volume_actions, volumes
+from app.routers.deps import version_header
+from app.services.attachments import AttachmentService
+from app.services.legacy import LegacyService
+from app.services.reconcile import Reconciler
+from app.services.types import VolumeTypeService
+from app.services.volumes import VolumeService
+from app.services.work import BackgroundWork
+
+log = logging.getLogger("tether")
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.operation_id or route.name
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _tether_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, TetherError)
+    if error.code >= 500:
+        log.error("request failed: %s", error.message)
+    return JSONResponse(error.body(), status_code=error.code)
+
+
+async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    first = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":
+        message = "Malformed request body: the body is not valid JSON."
+    elif first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+        message = "Malformed request body: a JSON body is required."
+    else:
+        field = _field_name(tuple(first.get("loc", ())))
+        reason = str(first.get("msg", "invalid value"))
+        message = f"Invalid input for field/attribute {field}. {reason}."
+    return JSONResponse(fault_body(400, message), status_code=400)
+
+
+async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    if isinstance(error.__cause__, _TooLarge):
+        return JSONResponse(fault_body(413, "Request body is too large."), status_code=413)
+    messages = {404: "The resource could not be found.", 405: "The method is not allowed for this resource."}
+    message = messages.get(error.status_code) or str(error.detail)
+    return JSONResponse(fault_body(error.status_code, message), status_code=error.status_code, headers=error.headers)
+
+
+def _api_router() -> APIRouter:
+    api = APIRouter(dependencies=[Depends(version_header)])
+    for module in (volumes, volume_actions, types, attachments):
+        api.include_router(module.router)
+    return api
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.database_url, settings.database_pool_size)
+        backends: Backends = build_backends(settings)
+        dispatcher = Dispatcher(settings.backend_workers)
+        work = BackgroundWork()
+        attachment_service = AttachmentService(db, dispatcher, backends)
+        app.state.db = db
+        app.state.backends = backends
+        app.state.dispatcher = dispatcher
+        app.state.work = work
+        app.state.volumes = VolumeService(db, dispatcher, backends, settings, work)
+        app.state.types = VolumeTypeService(db)
+        app.state.attachments = attachment_service
+        app.state.legacy = LegacyService(db, attachment_service)
+        app.state.reconciler = Reconciler(db, dispatcher, backends)
+        if settings.reconcile_on_start:
+            await app.state.reconciler.run()
+        try:
+            yield
+        finally:
+            await work.idle()
+            await db.dispose()
+
+    app = FastAPI(
+        title="Tether",
+        version="0.1.0",
+        summary="OpenStack Block Storage v3 volumes and attachments",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+        redirect_slashes=False,
+    )
+    app.state.settings = settings
+    app.add_middleware(APIMiddleware)
+    app.add_exception_handler(TetherError, _tether_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+    app.include_router(versions.router)
+    api = _api_router()
+    # /v3/<resource> first, so a resource name is never taken for a project id
+    app.include_router(api, prefix="/v3", include_in_schema=False)
+    app.include_router(api, prefix="/v3/{project_id}")
+    return app

@@ -1,0 +1,112 @@
+"""The one ASGI middleware: request ids, microversion negotiation, body size limit, last-resort 500."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import microversions
+from app.errors import OverLimit, TetherError, fault_body
+
+log = logging.getLogger("tether.api")
+
+MAX_BODY = 1024 * 1024
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+
+# paths that are not part of the versioned API
+_UNVERSIONED = ("/", "/healthcheck", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _json_response_messages(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> list[Message]:
+    payload = json.dumps(body).encode()
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        },
+        {"type": "http.response.body", "body": payload},
+    ]
+
+
+class APIMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = f"req-{uuid.uuid4()}"
+        token = request_id_var.set(request_id)
+        extra: list[tuple[bytes, bytes]] = [
+            (b"x-openstack-request-id", request_id.encode()),
+            (b"x-compute-request-id", request_id.encode()),
+        ]
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        async def fail(error: TetherError) -> None:
+            for message in _json_response_messages(error.code, error.body(), []):
+                await send_with_headers(message)
+
+        try:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            if scope["path"] not in _UNVERSIONED:
+                version = microversions.from_header(headers.get(microversions.HEADER.lower()))
+                scope.setdefault("state", {})["api_version"] = version
+                extra += [
+                    (microversions.HEADER.encode(), f"{microversions.SERVICE} {version}".encode()),
+                    (b"vary", microversions.HEADER.encode()),
+                ]
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_BODY:
+                raise OverLimit()
+        except TetherError as error:
+            await fail(error)
+            request_id_var.reset(token)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send_with_headers)
+        except _TooLarge:
+            if not started:
+                await fail(OverLimit())
+        except Exception:
+            log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
+            if not started:
+                for message in _json_response_messages(500, fault_body(500, TetherError.message), []):
+                    await send_with_headers(message)
+        finally:
+            request_id_var.reset(token)

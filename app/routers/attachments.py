@@ -1,0 +1,105 @@
+"""Attachments (3.27+): create, update, show, list, detail, complete (3.44+), delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Request
+from fastapi.responses import JSONResponse, Response
+
+from app import microversions as mv
+from app.errors import BadRequest, InvalidInput, NotFound
+from app.routers import views
+from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
+from app.schemas.requests import AttachmentCreateRequest, AttachmentUpdateRequest
+from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS
+from app.services.listing import parse_list_params
+
+router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[min_version(mv.NEW_ATTACH)])
+
+
+@router.post("", operation_id="create_attachment", summary="Reserve a volume, and connect it when a connector is given")
+async def create_attachment(
+    body: AttachmentCreateRequest, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep
+) -> JSONResponse:
+    spec = body.attachment
+    if "mode" in spec.model_fields_set and version < mv.ATTACHMENT_CREATE_MODE_ARG:
+        raise InvalidInput("Invalid input for field/attribute attachment.mode: it needs microversion 3.54 or later.")
+    record = await svc.create(
+        ctx, volume_id=spec.volume_uuid, instance_uuid=spec.instance_uuid, connector=spec.connector, mode=spec.mode
+    )
+    return views.reply({"attachment": views.attachment_detail(record)})
+
+
+async def _list(
+    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, detail: bool
+) -> JSONResponse:
+    query = dict(request.query_params)
+    params = parse_list_params(
+        query, ctx=ctx, version=version, filters=ATTACHMENT_FILTERS, sort_keys=ATTACHMENT_SORT_KEYS, count_allowed=False
+    )
+    page = await svc.list(ctx, params, detail=detail)
+    body: dict[str, Any] = {
+        "attachments": [
+            views.attachment_detail(r) if detail else views.attachment_summary(r.attachment) for r in page.items
+        ]
+    }
+    if page.full and page.items:
+        base = str(request.base_url).rstrip("/")
+        body["attachments_links"] = [views.next_link(base, request.url.path, query, page.items[-1].attachment.id)]
+    return views.reply(body)
+
+
+@router.get("", operation_id="list_attachments", summary="List attachments (summaries)")
+async def list_attachments(request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep) -> JSONResponse:
+    return await _list(request, ctx, version, svc, detail=False)
+
+
+@router.get("/detail", operation_id="list_attachments_detail", summary="List attachments with details")
+async def list_attachments_detail(
+    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep
+) -> JSONResponse:
+    return await _list(request, ctx, version, svc, detail=True)
+
+
+@router.get("/{attachment_id}", operation_id="show_attachment", summary="Show an attachment")
+async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep) -> JSONResponse:
+    return views.reply({"attachment": views.attachment_detail(await svc.get(ctx, attachment_id))})
+
+
+@router.put("/{attachment_id}", operation_id="update_attachment", summary="Connect an attachment with a connector")
+async def update_attachment(
+    attachment_id: str, body: AttachmentUpdateRequest, ctx: CallerDep, svc: AttachmentsDep
+) -> JSONResponse:
+    record = await svc.connect(ctx, attachment_id, body.attachment.connector)
+    return views.reply({"attachment": views.attachment_detail(record)})
+
+
+@router.post(
+    "/{attachment_id}/action",
+    status_code=204,
+    operation_id="complete_attachment",
+    summary="Mark an attachment attached (os-complete, 3.44+)",
+)
+async def attachment_action(
+    attachment_id: str,
+    body: Annotated[dict[str, Any], Body(examples=[{"os-complete": None}])],
+    ctx: CallerDep,
+    version: VersionDep,
+    svc: AttachmentsDep,
+) -> Response:
+    if len(body) != 1:
+        raise BadRequest("Malformed request body")
+    (action,) = body
+    if action != "os-complete":
+        raise BadRequest(f"There is no such action: {action}")
+    if version < mv.NEW_ATTACH_COMPLETION:
+        raise NotFound()
+    await svc.complete(ctx, attachment_id)
+    return Response(status_code=204)
+
+
+@router.delete("/{attachment_id}", operation_id="delete_attachment", summary="Disconnect and delete an attachment")
+async def delete_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep) -> JSONResponse:
+    remaining = await svc.remove(ctx, attachment_id)
+    return views.reply({"attachments": [views.attachment_summary(a) for a in remaining]})

@@ -1,0 +1,75 @@
+"""Typed dependencies routes declare: the caller, the microversion, the services."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+
+from app import microversions
+from app.auth import Context, context_from_headers
+from app.errors import NotFound
+from app.microversions import APIVersion
+from app.services.attachments import AttachmentService
+from app.services.legacy import LegacyService
+from app.services.types import VolumeTypeService
+from app.services.volumes import VolumeService
+
+
+def get_version(request: Request) -> APIVersion:
+    return request.scope.get("state", {}).get("api_version", microversions.MIN)  # type: ignore[no-any-return]
+
+
+def get_caller(request: Request) -> Context:
+    return context_from_headers(
+        request.headers, request.app.state.settings.admin_user_set, request.path_params.get("project_id")
+    )
+
+
+CallerDep = Annotated[Context, Depends(get_caller)]
+VersionDep = Annotated[APIVersion, Depends(get_version)]
+
+
+def version_header(
+    openstack_api_version: Annotated[
+        str | None,
+        Header(
+            alias="OpenStack-API-Version",
+            description="`volume X.Y` (3.0 to 3.71, or `latest`); no header means 3.0.",
+        ),
+    ] = None,
+) -> None:
+    """Documents the header; the middleware has already parsed it."""
+
+
+def min_version(version: APIVersion) -> Any:
+    """A dependency that makes a route (or action) not exist below `version`."""
+
+    def check(request: Request) -> None:
+        if get_version(request) < version:
+            raise NotFound()
+
+    check.__name__ = f"min_version_{version.major}_{version.minor}"
+    return Depends(check)
+
+
+def _volumes(request: Request) -> VolumeService:
+    return request.app.state.volumes  # type: ignore[no-any-return]
+
+
+def _types(request: Request) -> VolumeTypeService:
+    return request.app.state.types  # type: ignore[no-any-return]
+
+
+def _attachments(request: Request) -> AttachmentService:
+    return request.app.state.attachments  # type: ignore[no-any-return]
+
+
+def _legacy(request: Request) -> LegacyService:
+    return request.app.state.legacy  # type: ignore[no-any-return]
+
+
+VolumesDep = Annotated[VolumeService, Depends(_volumes)]
+TypesDep = Annotated[VolumeTypeService, Depends(_types)]
+AttachmentsDep = Annotated[AttachmentService, Depends(_attachments)]
+LegacyDep = Annotated[LegacyService, Depends(_legacy)]

@@ -1,0 +1,62 @@
+"""Volume types and their extra specs."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from app.routers import views
+from app.routers.deps import CallerDep, TypesDep
+from app.schemas.requests import ExtraSpecsRequest, VolumeTypeCreateRequest
+
+router = APIRouter(prefix="/types", tags=["types"])
+
+
+@router.post("", operation_id="create_volume_type", summary="Create a volume type (admin)")
+async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+    spec = body.volume_type
+    record = await svc.create(
+        ctx,
+        name=spec.name,
+        description=spec.description,
+        extra_specs=spec.extra_specs or {},
+        is_public=spec.is_public,
+    )
+    return views.reply({"volume_type": views.volume_type(record)})
+
+
+@router.get("", operation_id="list_volume_types", summary="List volume types")
+async def list_volume_types(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+    return views.reply({"volume_types": [views.volume_type(r) for r in await svc.list(ctx)]})
+
+
+@router.get("/{type_id}", operation_id="show_volume_type", summary="Show a volume type")
+async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+    return views.reply({"volume_type": views.volume_type(await svc.get(ctx, type_id))})
+
+
+@router.delete("/{type_id}", status_code=202, operation_id="delete_volume_type", summary="Delete a volume type (admin)")
+async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> Response:
+    await svc.delete(ctx, type_id)
+    return Response(status_code=202)
+
+
+@router.post("/{type_id}/extra_specs", operation_id="set_volume_type_extra_specs", summary="Set extra specs (admin)")
+async def set_extra_specs(type_id: str, body: ExtraSpecsRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+    return views.reply({"extra_specs": await svc.set_extra_specs(ctx, type_id, body.extra_specs)})
+
+
+@router.get("/{type_id}/extra_specs", operation_id="list_volume_type_extra_specs", summary="List extra specs")
+async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+    return views.reply({"extra_specs": await svc.get_extra_specs(ctx, type_id)})
+
+
+@router.delete(
+    "/{type_id}/extra_specs/{key}",
+    status_code=202,
+    operation_id="delete_volume_type_extra_spec",
+    summary="Delete one extra spec (admin)",
+)
+async def delete_extra_spec(type_id: str, key: str, ctx: CallerDep, svc: TypesDep) -> Response:
+    await svc.delete_extra_spec(ctx, type_id, key)
+    return Response(status_code=202)

@@ -1,0 +1,154 @@
+"""POST /volumes/{id}/action: the classic attach and detach actions and the admin ones."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+from fastapi.responses import JSONResponse, Response
+
+from app.auth import Context
+from app.errors import BadRequest, InvalidInput
+from app.routers import views
+from app.routers.deps import CallerDep, LegacyDep
+from app.services.legacy import LegacyService
+
+router = APIRouter(prefix="/volumes", tags=["volume actions"])
+
+Handler = Callable[[LegacyService, Context, str, Any], Awaitable[Response]]
+
+
+def _object(action: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"Invalid input for field/attribute {action}: it must be an object.")
+    return value
+
+
+def _connector(action: str, value: Any) -> dict[str, Any]:
+    connector = _object(action, value).get("connector")
+    if not isinstance(connector, dict) or not connector:
+        raise InvalidInput(f"Invalid input for field/attribute {action}.connector: a connector object is required.")
+    return connector
+
+
+def _optional_str(action: str, body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"Invalid input for field/attribute {action}.{key}: it must be a string.")
+    return value
+
+
+def _accepted() -> Response:
+    return Response(status_code=202)
+
+
+async def _reserve(svc: LegacyService, ctx: Context, volume_id: str, _value: Any) -> Response:
+    await svc.reserve(ctx, volume_id)
+    return _accepted()
+
+
+async def _unreserve(svc: LegacyService, ctx: Context, volume_id: str, _value: Any) -> Response:
+    await svc.unreserve(ctx, volume_id)
+    return _accepted()
+
+
+async def _initialize(svc: LegacyService, ctx: Context, volume_id: str, value: Any) -> Response:
+    info = await svc.initialize_connection(ctx, volume_id, _connector("os-initialize_connection", value))
+    return views.reply({"connection_info": info})
+
+
+async def _attach(svc: LegacyService, ctx: Context, volume_id: str, value: Any) -> Response:
+    body = _object("os-attach", value)
+    mode = body.get("mode") or "rw"
+    if mode not in ("rw", "ro"):
+        raise InvalidInput("Invalid input for field/attribute os-attach.mode: it must be 'rw' or 'ro'.")
+    await svc.attach(
+        ctx,
+        volume_id,
+        instance_uuid=_optional_str("os-attach", body, "instance_uuid"),
+        host_name=_optional_str("os-attach", body, "host_name"),
+        mountpoint=_optional_str("os-attach", body, "mountpoint"),
+        mode=mode,
+    )
+    return _accepted()
+
+
+async def _begin_detaching(svc: LegacyService, ctx: Context, volume_id: str, _value: Any) -> Response:
+    await svc.begin_detaching(ctx, volume_id)
+    return _accepted()
+
+
+async def _roll_detaching(svc: LegacyService, ctx: Context, volume_id: str, _value: Any) -> Response:
+    await svc.roll_detaching(ctx, volume_id)
+    return _accepted()
+
+
+async def _terminate(svc: LegacyService, ctx: Context, volume_id: str, value: Any) -> Response:
+    await svc.terminate_connection(ctx, volume_id, _connector("os-terminate_connection", value))
+    return _accepted()
+
+
+async def _detach(svc: LegacyService, ctx: Context, volume_id: str, value: Any) -> Response:
+    body = _object("os-detach", value)
+    await svc.detach(ctx, volume_id, _optional_str("os-detach", body, "attachment_id"))
+    return _accepted()
+
+
+async def _force_detach(svc: LegacyService, ctx: Context, volume_id: str, value: Any) -> Response:
+    body = _object("os-force_detach", value)
+    connector = body.get("connector")
+    if connector is not None and not isinstance(connector, dict):
+        raise InvalidInput("Invalid input for field/attribute os-force_detach.connector: it must be an object.")
+    await svc.force_detach(ctx, volume_id, _optional_str("os-force_detach", body, "attachment_id"), connector)
+    return _accepted()
+
+
+async def _reset_status(svc: LegacyService, ctx: Context, volume_id: str, value: Any) -> Response:
+    body = _object("os-reset_status", value)
+    await svc.reset_status(
+        ctx,
+        volume_id,
+        status=_optional_str("os-reset_status", body, "status"),
+        attach_status=_optional_str("os-reset_status", body, "attach_status"),
+    )
+    return _accepted()
+
+
+# every action exists from 3.0; a later one would carry its minimum version here
+ACTIONS: dict[str, Handler] = {
+    "os-reserve": _reserve,
+    "os-unreserve": _unreserve,
+    "os-initialize_connection": _initialize,
+    "os-attach": _attach,
+    "os-begin_detaching": _begin_detaching,
+    "os-roll_detaching": _roll_detaching,
+    "os-terminate_connection": _terminate,
+    "os-detach": _detach,
+    "os-force_detach": _force_detach,
+    "os-reset_status": _reset_status,
+}
+
+
+@router.post(
+    "/{volume_id}/action",
+    status_code=202,
+    operation_id="volume_action",
+    summary="Run one classic volume action (os-reserve, os-initialize_connection, os-attach, …)",
+    response_model=None,
+)
+async def volume_action(
+    volume_id: str,
+    body: Annotated[Any, Body(examples=[{"os-reserve": None}, {"os-initialize_connection": {"connector": {}}}])],
+    ctx: CallerDep,
+    svc: LegacyDep,
+) -> Response | JSONResponse:
+    if not isinstance(body, dict) or len(body) != 1:
+        raise BadRequest("Malformed request body")
+    ((action, value),) = body.items()
+    handler = ACTIONS.get(action)
+    if handler is None:
+        raise BadRequest(f"There is no such action: {action}")
+    return await handler(svc, ctx, volume_id, value)

@@ -1,0 +1,121 @@
+"""Volumes: create, show, list, detail, update, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from app import microversions as mv
+from app.errors import InvalidInput
+from app.routers import views
+from app.routers.deps import CallerDep, VersionDep, VolumesDep
+from app.schemas.requests import VolumeCreateRequest, VolumeUpdateRequest
+from app.services.listing import parse_bool, parse_list_params
+from app.services.volumes import VOLUME_FILTERS, VOLUME_SORT_KEYS
+
+router = APIRouter(prefix="/volumes", tags=["volumes"])
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _refuse_extra(version: mv.APIVersion, *models: object) -> None:
+    if version < mv.SUPPORT_VOLUME_SCHEMA_CHANGES:
+        return
+    for model in models:
+        extra = getattr(model, "model_extra", None) or {}
+        if extra:
+            raise InvalidInput(f"Additional properties are not allowed ({', '.join(sorted(extra))} were unexpected)")
+
+
+@router.post("", status_code=202, operation_id="create_volume", summary="Create a volume")
+async def create_volume(
+    request: Request, body: VolumeCreateRequest, ctx: CallerDep, version: VersionDep, svc: VolumesDep
+) -> JSONResponse:
+    spec = body.volume
+    _refuse_extra(version, body, spec)
+    if "multiattach" in (spec.model_extra or {}):
+        raise InvalidInput("multiattach is set by the volume type, not in the request body.")
+    record = await svc.create(
+        ctx,
+        size=spec.size,
+        name=spec.name if spec.name is not None else spec.display_name,
+        description=spec.description if spec.description is not None else spec.display_description,
+        volume_type=spec.volume_type,
+        metadata=spec.metadata,
+        availability_zone=spec.availability_zone,
+    )
+    return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))}, 202)
+
+
+async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, detail: bool) -> JSONResponse:
+    query = dict(request.query_params)
+    params = parse_list_params(
+        query,
+        ctx=ctx,
+        version=version,
+        filters=VOLUME_FILTERS,
+        sort_keys=VOLUME_SORT_KEYS,
+        count_allowed=version >= mv.SUPPORT_COUNT_INFO,
+    )
+    page = await svc.list(ctx, params)
+    base = _base(request)
+    body: dict[str, object] = {
+        "volumes": [
+            views.volume_detail(r, version, ctx, base) if detail else views.volume_summary(r, base) for r in page.items
+        ]
+    }
+    if page.full and page.items:
+        body["volumes_links"] = [views.next_link(base, request.url.path, query, page.items[-1].volume.id)]
+    if page.count is not None:
+        body["count"] = page.count
+    return views.reply(body)
+
+
+@router.get("", operation_id="list_volumes", summary="List volumes (summaries)")
+async def list_volumes(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
+    return await _list(request, ctx, version, svc, detail=False)
+
+
+@router.get("/detail", operation_id="list_volumes_detail", summary="List volumes with details")
+async def list_volumes_detail(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
+    return await _list(request, ctx, version, svc, detail=True)
+
+
+@router.get("/{volume_id}", operation_id="show_volume", summary="Show a volume")
+async def show_volume(
+    request: Request, volume_id: str, ctx: CallerDep, version: VersionDep, svc: VolumesDep
+) -> JSONResponse:
+    record = await svc.get(ctx, volume_id)
+    return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
+
+
+@router.put("/{volume_id}", operation_id="update_volume", summary="Update a volume's name, description or metadata")
+async def update_volume(
+    request: Request, volume_id: str, body: VolumeUpdateRequest, ctx: CallerDep, version: VersionDep, svc: VolumesDep
+) -> JSONResponse:
+    spec = body.volume
+    _refuse_extra(version, body, spec)
+    given = spec.model_fields_set
+    fields = set()
+    name = spec.name if "name" in given else spec.display_name
+    if given & {"name", "display_name"}:
+        fields.add("name")
+    description = spec.description if "description" in given else spec.display_description
+    if given & {"description", "display_description"}:
+        fields.add("description")
+    if not fields and spec.metadata is None:
+        raise InvalidInput("Invalid input for field/attribute volume: it must update name, description or metadata.")
+    record = await svc.update(
+        ctx, volume_id, name=name, description=description, metadata=spec.metadata, fields=frozenset(fields)
+    )
+    return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
+
+
+@router.delete("/{volume_id}", status_code=202, operation_id="delete_volume", summary="Delete a volume")
+async def delete_volume(request: Request, volume_id: str, ctx: CallerDep, svc: VolumesDep) -> Response:
+    force = parse_bool("force", request.query_params.get("force", "false"))
+    parse_bool("cascade", request.query_params.get("cascade", "false"))
+    await svc.delete(ctx, volume_id, force=force)
+    return Response(status_code=202)

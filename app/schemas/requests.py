@@ -1,0 +1,130 @@
+"""Request bodies as they arrive on the wire; never tables."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+
+def _strict_int(value: Any) -> Any:
+    # Cinder accepts a numeric string for size, but never a bool or a float with a fraction
+    if isinstance(value, bool):
+        raise ValueError("must be an integer")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("must be an integer")
+    if isinstance(value, str) and not value.strip().isdigit():
+        raise ValueError("must be an integer")
+    return value
+
+
+Size = Annotated[int, BeforeValidator(_strict_int), Field(ge=1, le=2**31 - 1)]
+Text255 = Annotated[str, Field(max_length=255)]
+
+
+class VolumeCreate(BaseModel):
+    # unknown keys are kept so the router can refuse them from 3.53 on (Cinder's strict schema)
+    model_config = ConfigDict(extra="allow")
+
+    size: Size
+    name: Text255 | None = None
+    description: Annotated[str, Field(max_length=65535)] | None = None
+    display_name: Text255 | None = None
+    display_description: Annotated[str, Field(max_length=65535)] | None = None
+    volume_type: Text255 | None = None
+    metadata: dict[str, str] | None = None
+    availability_zone: Text255 | None = None
+    # accepted and ignored, as Cinder's clients send them even when empty
+    snapshot_id: str | None = None
+    source_volid: str | None = None
+    imageRef: str | None = None
+    consistencygroup_id: str | None = None
+    group_id: str | None = None
+    backup_id: str | None = None
+    scheduler_hints: dict[str, Any] | None = None
+
+
+class VolumeCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    volume: VolumeCreate
+
+
+class VolumeUpdate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Text255 | None = None
+    description: Annotated[str, Field(max_length=65535)] | None = None
+    display_name: Text255 | None = None
+    display_description: Annotated[str, Field(max_length=65535)] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class VolumeUpdateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    volume: VolumeUpdate
+
+
+class VolumeTypeCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    description: Annotated[str, Field(max_length=255)] | None = None
+    extra_specs: dict[str, str] | None = None
+    is_public: bool = Field(default=True, alias="os-volume-type-access:is_public")
+
+
+class VolumeTypeCreateRequest(BaseModel):
+    volume_type: VolumeTypeCreate
+
+
+class ExtraSpecsRequest(BaseModel):
+    extra_specs: dict[str, str]
+
+
+def _uuid_text(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be a UUID string")
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise ValueError("must be a UUID") from None
+    return value
+
+
+class AttachmentCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    volume_uuid: Annotated[str, BeforeValidator(_uuid_text)]
+    instance_uuid: Annotated[str | None, BeforeValidator(_uuid_text)] = None
+    connector: dict[str, Any] | None = None
+    mode: Literal["rw", "ro"] | None = None
+
+
+class AttachmentCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attachment: AttachmentCreate
+
+
+class AttachmentUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connector: dict[str, Any]
+
+    @field_validator("connector")
+    @classmethod
+    def _not_empty(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+class AttachmentUpdateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attachment: AttachmentUpdate

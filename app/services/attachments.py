@@ -1,0 +1,688 @@
+"""The one attach state machine: reserve, connect, complete, remove. The legacy actions wrap it.
+
+Every transition is a conditional UPDATE in a short transaction. Work that touches the storage
+host holds the volume's dispatcher lock for the whole sequence (claim, backend calls, record), so
+decisions about shared ACLs and exports never race, and runs as a shielded task so a dropped
+client cannot strand a row half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import string
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from sqlalchemy import ColumnElement, case, delete, exists, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import Context
+from app.backends.base import BackendError, Backends, Chap, ExportInfo, InvalidConnector, VolumeRef
+from app.backends.connectors import wants_multipath
+from app.backends.dispatch import Dispatcher, Runner
+from app.db.engine import Database
+from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
+from app.errors import AttachmentNotFound, BackendFailure, Conflict, InvalidAttachment, InvalidInput, InvalidVolume
+from app.services.listing import ListParams, Page, apply_order, keyset_after
+from app.services.volumes import load_volume, volume_ref
+
+log = logging.getLogger("tether.attachments")
+T = TypeVar("T")
+
+CONNECTED = (AttachStatus.ATTACHING, AttachStatus.ATTACHED)
+CONNECTABLE = (AttachStatus.RESERVED, AttachStatus.ATTACHING, AttachStatus.ATTACHED, AttachStatus.ERROR_ATTACHING)
+# volume statuses that follow the attachments; others (error, maintenance, deleting) are left alone
+ATTACH_DRIVEN = (
+    VolumeStatus.AVAILABLE,
+    VolumeStatus.RESERVED,
+    VolumeStatus.ATTACHING,
+    VolumeStatus.IN_USE,
+    VolumeStatus.DETACHING,
+)
+ATTACHMENT_FILTERS = frozenset({"volume_id", "status", "instance_id"})
+ATTACHMENT_SORT_KEYS = frozenset({"id", "created_at", "updated_at", "status", "volume_id", "instance_id"})
+_CHAP_ALPHABET = string.ascii_letters + string.digits
+
+
+@dataclass
+class AttachmentRecord:
+    attachment: Attachment
+    shared_with: list[str] = field(default_factory=list)
+
+    @property
+    def connection_info(self) -> dict[str, Any]:
+        raw = self.attachment.connection_info
+        return json.loads(raw) if raw else {}
+
+
+def new_chap() -> Chap:
+    return Chap(
+        username="".join(secrets.choice(_CHAP_ALPHABET) for _ in range(20)),
+        secret="".join(secrets.choice(_CHAP_ALPHABET) for _ in range(16)),
+    )
+
+
+def chap_of(volume: Volume) -> Chap | None:
+    if not volume.provider_auth:
+        return None
+    _method, username, secret = volume.provider_auth.split(" ", 2)
+    return Chap(username=username, secret=secret)
+
+
+def _has(volume_id: str, *statuses: str, other_than: str | None = None) -> ColumnElement[bool]:
+    clauses: list[ColumnElement[bool]] = [Attachment.volume_id == volume_id]  # type: ignore[list-item]
+    if statuses:
+        clauses.append(Attachment.attach_status.in_(statuses))  # type: ignore[attr-defined]
+    if other_than is not None:
+        clauses.append(Attachment.id != other_than)  # type: ignore[arg-type]
+    return exists().where(*clauses)
+
+
+async def recompute_volume(session: AsyncSession, volume_id: str) -> None:
+    """The volume's status follows its remaining attachments, in one UPDATE."""
+    attached, attaching, anything = (
+        _has(volume_id, AttachStatus.ATTACHED),
+        _has(volume_id, AttachStatus.ATTACHING),
+        _has(volume_id),
+    )
+    await session.execute(
+        update(Volume)
+        .where(Volume.id == volume_id, Volume.status.in_(ATTACH_DRIVEN))  # type: ignore[arg-type, attr-defined]
+        .values(
+            status=case(
+                (attached, VolumeStatus.IN_USE.value),
+                (attaching, VolumeStatus.ATTACHING.value),
+                (anything, VolumeStatus.RESERVED.value),
+                else_=VolumeStatus.AVAILABLE.value,
+            ),
+            attach_status=case(
+                (attached, AttachStatus.ATTACHED.value),
+                (attaching, AttachStatus.ATTACHING.value),
+                (anything, AttachStatus.RESERVED.value),
+                else_=AttachStatus.DETACHED.value,
+            ),
+            updated_at=utcnow(),
+        )
+    )
+
+
+async def connector_of(session: AsyncSession, attachment_id: str) -> dict[str, Any]:
+    rows = await session.execute(
+        select(AttachmentSpec.key, AttachmentSpec.value).where(AttachmentSpec.attachment_id == attachment_id)
+    )
+    return {key: json.loads(value) for key, value in rows.all()}
+
+
+async def store_connector(session: AsyncSession, attachment_id: str, connector: Mapping[str, Any]) -> None:
+    await session.execute(delete(AttachmentSpec).where(AttachmentSpec.attachment_id == attachment_id))  # type: ignore[arg-type]
+    session.add_all(
+        AttachmentSpec(attachment_id=attachment_id, key=str(key), value=json.dumps(value))
+        for key, value in connector.items()
+    )
+    await session.flush()
+
+
+async def sharing(session: AsyncSession, volume_id: str, initiator: str, other_than: str) -> list[str]:
+    """Ids of the volume's other connected attachments whose connector has the same initiator."""
+    rows = await session.execute(
+        select(Attachment.id)
+        .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
+        .where(
+            Attachment.volume_id == volume_id,
+            Attachment.id != other_than,
+            Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
+            AttachmentSpec.key == "initiator",
+            AttachmentSpec.value == json.dumps(initiator),
+        )
+        .order_by(Attachment.created_at)  # type: ignore[arg-type]
+    )
+    return list(rows.scalars().all())
+
+
+async def shared_map(session: AsyncSession, attachments: list[Attachment]) -> dict[str, list[str]]:
+    """For a page of attachments: the other connected attachments sharing each one's initiator."""
+    volume_ids = {a.volume_id for a in attachments if a.attach_status in CONNECTED}
+    if not volume_ids:
+        return {}
+    rows = await session.execute(
+        select(Attachment.id, Attachment.volume_id, AttachmentSpec.value)
+        .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
+        .where(
+            Attachment.volume_id.in_(volume_ids),  # type: ignore[attr-defined]
+            Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
+            AttachmentSpec.key == "initiator",
+        )
+        .order_by(Attachment.created_at)  # type: ignore[arg-type]
+    )
+    groups: dict[tuple[str, str], list[str]] = {}
+    owner: dict[str, tuple[str, str]] = {}
+    for attachment_id, volume_id, initiator in rows.all():
+        groups.setdefault((volume_id, initiator), []).append(attachment_id)
+        owner[attachment_id] = (volume_id, initiator)
+    return {a.id: [other for other in groups[owner[a.id]] if other != a.id] for a in attachments if a.id in owner}
+
+
+def build_connection_info(
+    *, volume: Volume, attachment: Attachment, export: ExportInfo, chap: Chap, connector: Mapping[str, Any], mode: str
+) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "driver_volume_type": "iscsi",
+        "target_discovered": False,
+        "target_iqn": export.target_iqn,
+        "target_portal": export.target_portal,
+        "target_lun": export.target_lun,
+        "volume_id": volume.id,
+        "auth_method": "CHAP",
+        "auth_username": chap.username,
+        "auth_password": chap.secret,
+        "access_mode": mode,
+        "encrypted": False,
+        "qos_specs": None,
+        "discard": False,
+        "attachment_id": attachment.id,
+        "enforce_multipath": bool(connector.get("enforce_multipath", False)),
+    }
+    if wants_multipath(connector):
+        info["target_iqns"] = [export.target_iqn]
+        info["target_portals"] = [export.target_portal]
+        info["target_luns"] = [export.target_lun]
+    return info
+
+
+async def _shielded(work: Callable[[], Awaitable[T]]) -> T:
+    """Run a whole state change to its end even if the caller is cancelled."""
+    return await asyncio.shield(asyncio.ensure_future(work()))
+
+
+class AttachmentService:
+    def __init__(self, db: Database, dispatcher: Dispatcher, backends: Backends) -> None:
+        self.db = db
+        self.dispatcher = dispatcher
+        self.backends = backends
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def _load(self, session: AsyncSession, ctx: Context, attachment_id: str) -> Attachment:
+        attachment = await session.get(Attachment, attachment_id)
+        if attachment is None or (not ctx.is_admin and attachment.project_id != ctx.project_id):
+            raise AttachmentNotFound(attachment_id)
+        return attachment
+
+    async def _record(self, session: AsyncSession, attachment: Attachment) -> AttachmentRecord:
+        return AttachmentRecord(attachment, (await shared_map(session, [attachment])).get(attachment.id, []))
+
+    async def get(self, ctx: Context, attachment_id: str) -> AttachmentRecord:
+        async with self.db.read() as session:
+            return await self._record(session, await self._load(session, ctx, attachment_id))
+
+    async def list(self, ctx: Context, params: ListParams, *, detail: bool) -> Page[AttachmentRecord]:
+        limit = min(params.limit if params.limit is not None else 1000, 1000)
+        conditions: list[ColumnElement[bool]] = []
+        if not (ctx.is_admin and params.all_tenants):
+            conditions.append(Attachment.project_id == ctx.project_id)  # type: ignore[arg-type]
+        columns_by_filter = {
+            "volume_id": Attachment.volume_id,
+            "status": Attachment.attach_status,
+            "instance_id": Attachment.instance_uuid,
+            "project_id": Attachment.project_id,
+        }
+        for key, value in params.filters.items():
+            if key == "project_id" and not params.all_tenants:
+                continue
+            conditions.append(columns_by_filter[key] == value)  # type: ignore[arg-type]
+        sort_columns = {
+            "id": Attachment.id,
+            "created_at": Attachment.created_at,
+            "updated_at": func.coalesce(Attachment.updated_at, Attachment.created_at),
+            "status": Attachment.attach_status,
+            "volume_id": Attachment.volume_id,
+            "instance_id": func.coalesce(Attachment.instance_uuid, ""),
+        }
+        columns: list[tuple[ColumnElement[Any], str]] = [(sort_columns[k], d) for k, d in params.sort]  # type: ignore[misc]
+        columns.append((Attachment.id, params.sort[-1][1]))  # type: ignore[arg-type]
+        async with self.db.read() as session:
+            stmt = select(Attachment).where(*conditions)
+            if params.marker:
+                marker = await session.get(Attachment, params.marker)
+                if marker is None or (not ctx.is_admin and marker.project_id != ctx.project_id):
+                    raise AttachmentNotFound(params.marker)
+                values = (
+                    await session.execute(select(*[c for c, _ in columns]).where(Attachment.id == marker.id))
+                ).one()
+                stmt = stmt.where(keyset_after(columns, list(values)))
+            stmt = apply_order(stmt, columns).offset(params.offset).limit(limit)
+            attachments = list((await session.execute(stmt)).scalars().all())
+            shared = await shared_map(session, attachments) if detail else {}
+        return Page(items=[AttachmentRecord(a, shared.get(a.id, [])) for a in attachments], limit=limit)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def validate_connector(self, connector: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return self.backends.target.validate_connector(connector)
+        except InvalidConnector as error:
+            raise InvalidInput(f"Invalid input for field/attribute connector.{error.key}: {error.reason}.") from None
+
+    # -- reserve --------------------------------------------------------------------------------
+
+    async def _reserve(
+        self,
+        session: AsyncSession,
+        ctx: Context,
+        volume_id: str,
+        instance_uuid: str | None,
+        mode: str | None,
+        *,
+        legacy: bool = False,
+    ) -> Attachment:
+        volume = await load_volume(session, ctx, volume_id)
+        if legacy:
+            # os-reserve: the classic face shows the reservation as `attaching`
+            reservable: tuple[str, ...] = (
+                (VolumeStatus.AVAILABLE, VolumeStatus.IN_USE) if volume.multiattach else (VolumeStatus.AVAILABLE,)
+            )
+            claim = {"status": VolumeStatus.ATTACHING, "attach_status": AttachStatus.ATTACHING}
+        else:
+            reservable = (
+                (VolumeStatus.AVAILABLE, VolumeStatus.IN_USE, VolumeStatus.RESERVED)
+                if volume.multiattach
+                else (VolumeStatus.AVAILABLE,)
+            )
+            claim = {"status": VolumeStatus.RESERVED, "attach_status": AttachStatus.RESERVED}
+        claimed = await session.execute(
+            update(Volume)
+            .where(
+                Volume.id == volume.id,  # type: ignore[arg-type]
+                Volume.multiattach.is_(volume.multiattach),  # type: ignore[attr-defined]
+                Volume.status.in_(reservable),  # type: ignore[attr-defined]
+            )
+            .values(**claim, updated_at=utcnow())
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            # Nova's migration path: the same instance may hold a second attachment of an attached volume
+            current = await load_volume(session, ctx, volume.id, lock=True)
+            same_instance = instance_uuid is not None and await session.scalar(
+                select(
+                    exists().where(Attachment.volume_id == current.id, Attachment.instance_uuid == instance_uuid)  # type: ignore[arg-type]
+                )
+            )
+            if legacy or not (same_instance and current.status in (VolumeStatus.IN_USE, VolumeStatus.RESERVED)):
+                raise InvalidVolume(
+                    f"Volume {current.id} status must be available to reserve, "
+                    f"but the current status is {current.status}."
+                )
+        attachment = Attachment(
+            volume_id=volume.id,
+            project_id=volume.project_id,
+            instance_uuid=instance_uuid,
+            attach_status=AttachStatus.RESERVED,
+            attach_mode=mode or "null",
+        )
+        session.add(attachment)
+        await session.flush()
+        return attachment
+
+    async def reserve(
+        self,
+        ctx: Context,
+        *,
+        volume_id: str,
+        instance_uuid: str | None = None,
+        mode: str | None = None,
+        legacy: bool = False,
+    ) -> AttachmentRecord:
+        async with self.db.write() as session:
+            attachment = await self._reserve(session, ctx, volume_id, instance_uuid, mode, legacy=legacy)
+        return AttachmentRecord(attachment)
+
+    async def create(
+        self,
+        ctx: Context,
+        *,
+        volume_id: str,
+        instance_uuid: str | None = None,
+        connector: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+    ) -> AttachmentRecord:
+        """Reserve; with a connector also connect in the same call (the bare-metal path)."""
+        checked = self.validate_connector(connector) if connector else None
+        record = await self.reserve(ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode)
+        if checked is None:
+            return record
+        return await self._connect(ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True)
+
+    # -- connect --------------------------------------------------------------------------------
+
+    async def connect(self, ctx: Context, attachment_id: str, connector: Mapping[str, Any]) -> AttachmentRecord:
+        checked = self.validate_connector(connector)
+        async with self.db.read() as session:
+            volume_id = (await self._load(session, ctx, attachment_id)).volume_id
+        return await self._connect(ctx, attachment_id, checked, volume_id=volume_id, undo_reserve=False)
+
+    async def _connect(
+        self, ctx: Context, attachment_id: str, connector: dict[str, Any], *, volume_id: str, undo_reserve: bool
+    ) -> AttachmentRecord:
+        async def work() -> AttachmentRecord:
+            async with self.dispatcher.exclusive(volume_id) as run:
+                return await self._connect_locked(ctx, attachment_id, connector, run, undo_reserve=undo_reserve)
+
+        return await _shielded(work)
+
+    async def _connect_locked(
+        self, ctx: Context, attachment_id: str, connector: dict[str, Any], run: Runner, *, undo_reserve: bool
+    ) -> AttachmentRecord:
+        initiator = str(connector["initiator"])
+        async with self.db.write() as session:
+            attachment = await self._load(session, ctx, attachment_id)
+            volume = await load_volume(session, ctx, attachment.volume_id, lock=True)
+            if attachment.attach_status not in CONNECTABLE:
+                raise InvalidAttachment(
+                    f"Attachment {attachment.id} cannot be connected: its status is {attachment.attach_status}."
+                )
+            if not volume.multiattach:
+                busy = await session.scalar(select(_has(volume.id, *CONNECTED, other_than=attachment.id)))
+                if busy:
+                    raise Conflict(
+                        f"Volume {volume.id} is not multiattach and another of its attachments is already connected."
+                    )
+            chap = chap_of(volume)
+            if chap is None:
+                chap = new_chap()
+                volume.provider_auth = f"CHAP {chap.username} {chap.secret}"
+            mode = attachment.attach_mode if attachment.attach_mode in ("rw", "ro") else "rw"
+            now = utcnow()
+            claimed = await session.execute(
+                update(Attachment)
+                .where(Attachment.id == attachment.id, Attachment.attach_status.in_(CONNECTABLE))  # type: ignore[arg-type, attr-defined]
+                .values(
+                    attach_status=case(
+                        (Attachment.attach_status == AttachStatus.ATTACHED, AttachStatus.ATTACHED.value),  # type: ignore[arg-type]
+                        else_=AttachStatus.ATTACHING.value,
+                    ),
+                    attach_time=now,
+                    attached_host=connector.get("host"),
+                    attach_mode=mode,
+                    updated_at=now,
+                )
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                raise InvalidAttachment(f"Attachment {attachment.id} changed while being connected; try again.")
+            await store_connector(session, attachment.id, connector)
+            await recompute_volume(session, volume.id)
+        ref = volume_ref(volume)
+        try:
+            path = self.backends.volumes.path(ref)
+            export = await run(self.backends.target.create_export, ref, path, chap)
+            await run(self.backends.target.add_initiator, ref, initiator)
+        except BackendError as error:
+            log.error("connecting attachment %s of volume %s failed: %s", attachment.id, volume.id, error)
+            await self._undo_connect(attachment, initiator, run, remove=undo_reserve)
+            raise BackendFailure(f"Unable to connect volume {volume.id}: the storage backend failed.") from None
+
+        async with self.db.write() as session:
+            attachment = await self._load(session, ctx, attachment.id)
+            info = build_connection_info(
+                volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=mode
+            )
+            attachment.connection_info = json.dumps(info)
+            await session.execute(
+                update(Volume)
+                .where(Volume.id == volume.id)  # type: ignore[arg-type]
+                .values(provider_location=export.provider_location)
+            )
+            await session.flush()
+            return await self._record(session, attachment)
+
+    async def _undo_connect(self, attachment: Attachment, initiator: str, run: Runner, *, remove: bool) -> None:
+        """After a failed connect: no ACL or export that nothing else needs, and the volume status recomputed."""
+        ref = VolumeRef(id=attachment.volume_id, size_gb=0)
+        async with self.db.write() as session:
+            if remove:
+                await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
+            else:
+                await session.execute(
+                    update(Attachment)
+                    .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
+                    .values(attach_status=AttachStatus.ERROR_ATTACHING, connection_info=None, updated_at=utcnow())
+                )
+            await recompute_volume(session, attachment.volume_id)
+            shared = await sharing(session, attachment.volume_id, initiator, attachment.id)
+            others = await session.scalar(select(_has(attachment.volume_id, *CONNECTED, other_than=attachment.id)))
+        try:
+            if not shared:
+                await run(self.backends.target.remove_initiator, ref, initiator)
+            if not others:
+                await run(self.backends.target.remove_export, ref)
+        except BackendError as error:
+            log.error("cleaning up after a failed connect of volume %s failed: %s", attachment.volume_id, error)
+
+    # -- complete -------------------------------------------------------------------------------
+
+    async def complete(self, ctx: Context, attachment_id: str) -> None:
+        async with self.db.write() as session:
+            attachment = await self._load(session, ctx, attachment_id)
+            await load_volume(session, ctx, attachment.volume_id, lock=True)
+            done = await session.execute(
+                update(Attachment)
+                .where(Attachment.id == attachment.id, Attachment.attach_status.in_(CONNECTED))  # type: ignore[arg-type, attr-defined]
+                .values(attach_status=AttachStatus.ATTACHED, updated_at=utcnow())
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                await session.refresh(attachment)
+                raise InvalidAttachment(
+                    f"Attachment {attachment.id} status must be attaching or attached to complete, "
+                    f"but the current status is {attachment.attach_status}."
+                )
+            await recompute_volume(session, attachment.volume_id)
+
+    # -- remove ---------------------------------------------------------------------------------
+
+    async def remove(self, ctx: Context, attachment_id: str) -> list[Attachment]:
+        """Disconnect (shared-aware) and delete; returns the volume's remaining attachments."""
+        async with self.db.read() as session:
+            volume_id = (await self._load(session, ctx, attachment_id)).volume_id
+
+        async def work() -> list[Attachment]:
+            async with self.dispatcher.exclusive(volume_id) as run:
+                return await self._remove_locked(ctx, attachment_id, run)
+
+        return await _shielded(work)
+
+    async def _remove_locked(self, ctx: Context, attachment_id: str, run: Runner) -> list[Attachment]:
+        async with self.db.read() as session:
+            attachment = await self._load(session, ctx, attachment_id)
+            volume = await load_volume(session, ctx, attachment.volume_id)
+            connector = await connector_of(session, attachment.id)
+            initiator = connector.get("initiator")
+            connected = attachment.attach_status in (*CONNECTED, AttachStatus.ERROR_DETACHING)
+            shared = await sharing(session, volume.id, str(initiator), attachment.id) if connected and initiator else []
+            others = await session.scalar(select(_has(volume.id, *CONNECTED, other_than=attachment.id)))
+        ref = volume_ref(volume)
+        if connected:
+            try:
+                if initiator and not shared:
+                    await run(self.backends.target.remove_initiator, ref, str(initiator))
+                if not others:
+                    await run(self.backends.target.remove_export, ref)
+            except BackendError as error:
+                log.error("disconnecting attachment %s of volume %s failed: %s", attachment.id, volume.id, error)
+                async with self.db.write() as session:
+                    await session.execute(
+                        update(Attachment)
+                        .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
+                        .values(attach_status=AttachStatus.ERROR_DETACHING, updated_at=utcnow())
+                    )
+                raise BackendFailure(f"Unable to disconnect volume {volume.id}: the storage backend failed.") from None
+        async with self.db.write() as session:
+            await load_volume(session, ctx, volume.id, lock=True)
+            await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
+            await recompute_volume(session, volume.id)
+            remaining = await session.execute(
+                select(Attachment).where(Attachment.volume_id == volume.id).order_by(Attachment.created_at)  # type: ignore[arg-type]
+            )
+            return list(remaining.scalars().all())
+
+    # -- what the legacy face needs beyond the four verbs ----------------------------------------
+
+    async def attachments_of(self, ctx: Context, volume_id: str) -> list[Attachment]:
+        async with self.db.read() as session:
+            await load_volume(session, ctx, volume_id)
+            rows = await session.execute(
+                select(Attachment).where(Attachment.volume_id == volume_id).order_by(Attachment.created_at)  # type: ignore[arg-type]
+            )
+            return list(rows.scalars().all())
+
+    async def connect_for_initiator(
+        self, ctx: Context, volume_id: str, connector: Mapping[str, Any]
+    ) -> AttachmentRecord:
+        """os-initialize_connection: (re)connect the attachment this connector belongs to, or the pending one."""
+        checked = self.validate_connector(connector)
+        initiator = json.dumps(checked["initiator"])
+        async with self.db.read() as session:
+            await load_volume(session, ctx, volume_id)
+            same_host = await session.scalar(
+                select(Attachment.id)
+                .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
+                .where(
+                    Attachment.volume_id == volume_id,
+                    Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
+                    AttachmentSpec.key == "initiator",
+                    AttachmentSpec.value == initiator,
+                )
+                .order_by(Attachment.created_at)  # type: ignore[arg-type]
+                .limit(1)
+            )
+            pending = same_host or await session.scalar(
+                select(Attachment.id)
+                .where(
+                    Attachment.volume_id == volume_id,
+                    Attachment.attach_status.in_((AttachStatus.RESERVED, AttachStatus.ERROR_ATTACHING)),  # type: ignore[attr-defined]
+                )
+                .order_by(Attachment.instance_uuid.is_not(None), Attachment.created_at)  # type: ignore[union-attr, arg-type]
+                .limit(1)
+            )
+        if pending is None:
+            # Nova may initialize without reserving first; reserve on its behalf, as os-reserve would
+            record = await self.reserve(ctx, volume_id=volume_id, legacy=True)
+            return await self._connect(ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True)
+        return await self._connect(ctx, pending, checked, volume_id=volume_id, undo_reserve=False)
+
+    async def mark_attached(
+        self,
+        ctx: Context,
+        volume_id: str,
+        *,
+        instance_uuid: str | None,
+        host_name: str | None,
+        mountpoint: str | None,
+        mode: str,
+    ) -> None:
+        """os-attach: the instance's attachment (or the pending one, or a new one) becomes attached."""
+        async with self.db.write() as session:
+            volume = await load_volume(session, ctx, volume_id, lock=True)
+            candidates = (
+                (
+                    await session.execute(
+                        select(Attachment)
+                        .where(Attachment.volume_id == volume.id)  # type: ignore[arg-type]
+                        .order_by(Attachment.created_at)  # type: ignore[arg-type]
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            chosen = next((a for a in candidates if instance_uuid and a.instance_uuid == instance_uuid), None)
+            if chosen is None:
+                chosen = next(
+                    (a for a in candidates if a.instance_uuid is None and a.attach_status != AttachStatus.ATTACHED),
+                    None,
+                )
+            if chosen is None:
+                allowed = (VolumeStatus.AVAILABLE, VolumeStatus.ATTACHING, VolumeStatus.RESERVED)
+                if volume.multiattach:
+                    allowed += (VolumeStatus.IN_USE,)
+                if volume.status not in allowed or (not volume.multiattach and candidates):
+                    raise InvalidVolume(
+                        f"Volume {volume.id} status must be available or attaching to attach, "
+                        f"but the current status is {volume.status}."
+                    )
+                chosen = Attachment(volume_id=volume.id, project_id=volume.project_id)
+                session.add(chosen)
+            now = utcnow()
+            chosen.instance_uuid = instance_uuid or chosen.instance_uuid
+            chosen.attached_host = host_name or chosen.attached_host
+            chosen.mountpoint = mountpoint
+            chosen.attach_mode = mode
+            chosen.attach_status = AttachStatus.ATTACHED
+            chosen.attach_time = chosen.attach_time or now
+            chosen.updated_at = now
+            await session.flush()
+            await recompute_volume(session, volume.id)
+
+    async def move_volume_status(self, ctx: Context, volume_id: str, expected: tuple[str, ...], new: str) -> bool:
+        """One compare-and-swap of a volume's status; False when it was not in `expected`."""
+        async with self.db.write() as session:
+            volume = await load_volume(session, ctx, volume_id)
+            result = await session.execute(
+                update(Volume)
+                .where(Volume.id == volume.id, Volume.status.in_(expected))  # type: ignore[arg-type, attr-defined]
+                .values(status=new, updated_at=utcnow())
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def unreserve(self, ctx: Context, volume_id: str) -> None:
+        """os-unreserve: drop the pending, never-attached reservations of an `attaching` volume."""
+        async with self.db.write() as session:
+            volume = await load_volume(session, ctx, volume_id, lock=True)
+            if volume.status != VolumeStatus.ATTACHING:
+                return
+            await session.execute(
+                delete(Attachment).where(
+                    Attachment.volume_id == volume.id,  # type: ignore[arg-type]
+                    Attachment.attach_status.in_((AttachStatus.RESERVED, AttachStatus.ERROR_ATTACHING)),  # type: ignore[attr-defined]
+                )
+            )
+            await recompute_volume(session, volume.id)
+
+    async def disconnect_initiator(self, ctx: Context, volume_id: str, connector: Mapping[str, Any]) -> None:
+        """os-terminate_connection: drop the initiator's ACL unless another connected attachment still uses it."""
+        checked = self.validate_connector(connector)
+        initiator = str(checked["initiator"])
+        async with self.db.read() as session:
+            volume = await load_volume(session, ctx, volume_id)
+        async with self.dispatcher.exclusive(volume.id) as run:
+            async with self.db.read() as session:
+                users = await sharing(session, volume.id, initiator, other_than="")
+            if len(users) <= 1:
+                try:
+                    await run(self.backends.target.remove_initiator, volume_ref(volume), initiator)
+                except BackendError as error:
+                    log.error("terminating the connection of volume %s failed: %s", volume.id, error)
+                    raise BackendFailure(f"Unable to terminate the connection of volume {volume.id}.") from None
+
+    async def reset(self, ctx: Context, volume_id: str, *, status: str | None, attach_status: str | None) -> None:
+        """os-reset_status: set the statuses; `detached` drops every attachment and the target's export."""
+        async with self.db.write() as session:
+            volume = await load_volume(session, ctx, volume_id, lock=True)
+            values: dict[str, Any] = {"updated_at": utcnow()}
+            if status is not None:
+                values["status"] = status
+            if attach_status is not None:
+                values["attach_status"] = attach_status
+            if attach_status == AttachStatus.DETACHED:
+                await session.execute(delete(Attachment).where(Attachment.volume_id == volume.id))  # type: ignore[arg-type]
+            await session.execute(update(Volume).where(Volume.id == volume.id).values(**values))  # type: ignore[arg-type]
+        if attach_status == AttachStatus.DETACHED:
+            ref = volume_ref(volume)
+            async with self.dispatcher.exclusive(volume.id) as run:
+                try:
+                    exported = (await run(self.backends.target.exports)).get(volume.id)
+                    for initiator in sorted(exported.initiators if exported else ()):
+                        await run(self.backends.target.remove_initiator, ref, initiator)
+                    await run(self.backends.target.remove_export, ref)
+                except BackendError as error:
+                    log.error("removing the export of reset volume %s failed: %s", volume.id, error)

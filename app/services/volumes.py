@@ -1,0 +1,327 @@
+"""Volumes: create and delete through the backend in the background, show, list, update."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import ColumnElement, delete, exists, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.auth import Context
+from app.backends.base import BackendError, Backends, VolumeRef
+from app.backends.dispatch import Dispatcher
+from app.config import Settings
+from app.db.engine import Database
+from app.db.models import (
+    Attachment,
+    AttachStatus,
+    Volume,
+    VolumeMetadata,
+    VolumeStatus,
+    VolumeType,
+    utcnow,
+)
+from app.errors import Forbidden, InvalidInput, InvalidVolume, NotFound, VolumeNotFound
+from app.services.listing import ListParams, Page, apply_order, keyset_after, parse_bool
+from app.services.types import DEFAULT_TYPE, extra_specs_of, find_type, is_multiattach
+from app.services.work import BackgroundWork
+
+log = logging.getLogger("tether.volumes")
+
+DELETABLE = (
+    VolumeStatus.AVAILABLE,
+    VolumeStatus.ERROR,
+    VolumeStatus.ERROR_RESTORING,
+    VolumeStatus.ERROR_EXTENDING,
+)
+VOLUME_FILTERS = frozenset({"name", "status", "metadata", "bootable", "availability_zone"})
+VOLUME_SORT_KEYS = frozenset(
+    {"id", "name", "status", "size", "created_at", "updated_at", "availability_zone", "bootable", "project_id"}
+)
+
+
+@dataclass
+class VolumeRecord:
+    volume: Volume
+    metadata: dict[str, str] = field(default_factory=dict)
+    volume_type: VolumeType | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+
+
+def volume_ref(volume: Volume) -> VolumeRef:
+    return VolumeRef(id=volume.id, size_gb=volume.size)
+
+
+def scoped(ctx: Context, volume: Volume | None) -> Volume | None:
+    """Another project's volume does not exist for a non-admin."""
+    if volume is None or (not ctx.is_admin and volume.project_id != ctx.project_id):
+        return None
+    return volume
+
+
+async def load_volume(session: AsyncSession, ctx: Context, volume_id: str, *, lock: bool = False) -> Volume:
+    stmt = select(Volume).where(Volume.id == volume_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    volume = scoped(ctx, (await session.execute(stmt)).scalars().first())
+    if volume is None:
+        raise VolumeNotFound(volume_id)
+    return volume
+
+
+async def load_records(session: AsyncSession, volumes: list[Volume]) -> list[VolumeRecord]:
+    """Metadata, type and attached attachments for a page of volumes, in three queries at most."""
+    if not volumes:
+        return []
+    ids = [v.id for v in volumes]
+    metadata: dict[str, dict[str, str]] = {}
+    for row in (await session.execute(select(VolumeMetadata).where(VolumeMetadata.volume_id.in_(ids)))).scalars():  # type: ignore[attr-defined]
+        metadata.setdefault(row.volume_id, {})[row.key] = row.value
+    type_ids = {v.volume_type_id for v in volumes if v.volume_type_id}
+    types: dict[str, VolumeType] = {}
+    if type_ids:
+        for t in (await session.execute(select(VolumeType).where(VolumeType.id.in_(type_ids)))).scalars():  # type: ignore[attr-defined]
+            types[t.id] = t
+    attached: dict[str, list[Attachment]] = {}
+    in_use = [v.id for v in volumes if v.attach_status != AttachStatus.DETACHED]
+    if in_use:
+        stmt = select(Attachment).where(
+            Attachment.volume_id.in_(in_use),  # type: ignore[attr-defined]
+            Attachment.attach_status == AttachStatus.ATTACHED,
+        )
+        for a in (await session.execute(stmt.order_by(Attachment.created_at))).scalars():  # type: ignore[arg-type]
+            attached.setdefault(a.volume_id, []).append(a)
+    return [
+        VolumeRecord(
+            volume=v,
+            metadata=metadata.get(v.id, {}),
+            volume_type=types.get(v.volume_type_id) if v.volume_type_id else None,
+            attachments=attached.get(v.id, []),
+        )
+        for v in volumes
+    ]
+
+
+def _parse_metadata_filter(value: str) -> dict[str, str]:
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise InvalidInput(f"Invalid metadata filter '{value}'.") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"Invalid metadata filter '{value}': it must be an object.")
+    return {str(k): str(v) for k, v in parsed.items()}
+
+
+def _sort_column(key: str) -> ColumnElement[Any]:
+    if key == "name":
+        return func.coalesce(Volume.name, "")
+    if key == "updated_at":
+        return func.coalesce(Volume.updated_at, Volume.created_at)
+    return getattr(Volume, key)  # type: ignore[no-any-return]
+
+
+def check_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise InvalidInput(f"Invalid input for field/attribute metadata.{key}: values must be strings.")
+        if not key or len(key) > 255 or len(value) > 255:
+            raise InvalidInput("Metadata keys and values must be 1 to 255 characters long.")
+    return dict(metadata)
+
+
+class VolumeService:
+    def __init__(
+        self, db: Database, dispatcher: Dispatcher, backends: Backends, settings: Settings, work: BackgroundWork
+    ) -> None:
+        self.db = db
+        self.dispatcher = dispatcher
+        self.backends = backends
+        self.settings = settings
+        self.work = work
+
+    async def create(
+        self,
+        ctx: Context,
+        *,
+        size: int,
+        name: str | None = None,
+        description: str | None = None,
+        volume_type: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        availability_zone: str | None = None,
+    ) -> VolumeRecord:
+        meta = check_metadata(metadata or {})
+        if availability_zone and availability_zone != self.settings.availability_zone:
+            raise InvalidInput(f"Availability zone '{availability_zone}' is invalid.")
+        async with self.db.write() as session:
+            vtype = await find_type(session, volume_type or DEFAULT_TYPE)
+            if vtype is None:
+                if volume_type is None:
+                    raise NotFound("The default volume type is missing; run `tether db upgrade`.")
+                raise NotFound(f"Volume type with name or id {volume_type} could not be found.")
+            if not vtype.is_public and not ctx.is_admin:
+                raise NotFound(f"Volume type with name or id {volume_type} could not be found.")
+            specs = await extra_specs_of(session, vtype.id)
+            volume = Volume(
+                project_id=ctx.project_id,
+                user_id=ctx.user_id,
+                name=name,
+                description=description,
+                size=size,
+                status=VolumeStatus.CREATING,
+                availability_zone=self.settings.availability_zone,
+                volume_type_id=vtype.id,
+                multiattach=is_multiattach(specs),
+                host=self.settings.host,
+            )
+            session.add(volume)
+            await session.flush()
+            for key, value in meta.items():
+                session.add(VolumeMetadata(volume_id=volume.id, key=key, value=value))
+        self.work.spawn(self._finish_create(volume.id, volume.size), name=f"create-{volume.id}")
+        return VolumeRecord(volume=volume, metadata=meta, volume_type=vtype)
+
+    async def _finish_create(self, volume_id: str, size: int) -> None:
+        ref = VolumeRef(id=volume_id, size_gb=size)
+        try:
+            await self.dispatcher.run(volume_id, self.backends.volumes.create, ref)
+            outcome = VolumeStatus.AVAILABLE
+        except BackendError as error:
+            log.error("creating volume %s failed: %s", volume_id, error)
+            outcome = VolumeStatus.ERROR
+        await asyncio.shield(self._set_status(volume_id, VolumeStatus.CREATING, outcome))
+
+    async def _set_status(self, volume_id: str, expected: VolumeStatus, new: VolumeStatus) -> bool:
+        async with self.db.write() as session:
+            result = await session.execute(
+                update(Volume)
+                .where(Volume.id == volume_id, Volume.status == expected)  # type: ignore[arg-type]
+                .values(status=new, updated_at=utcnow())
+            )
+            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    async def get(self, ctx: Context, volume_id: str) -> VolumeRecord:
+        async with self.db.read() as session:
+            volume = await load_volume(session, ctx, volume_id)
+            return (await load_records(session, [volume]))[0]
+
+    async def list(self, ctx: Context, params: ListParams) -> Page[VolumeRecord]:
+        limit = min(params.limit if params.limit is not None else 1000, 1000)
+        conditions: list[ColumnElement[bool]] = []
+        if not (ctx.is_admin and params.all_tenants):
+            conditions.append(Volume.project_id == ctx.project_id)  # type: ignore[arg-type]
+        if ctx.is_admin and params.all_tenants and "project_id" in params.filters:
+            conditions.append(Volume.project_id == params.filters["project_id"])  # type: ignore[arg-type]
+        for key, value in params.filters.items():
+            if key in ("name", "status", "availability_zone"):
+                conditions.append(getattr(Volume, key) == value)
+            elif key == "bootable":
+                conditions.append(Volume.bootable.is_(parse_bool("bootable", value)))  # type: ignore[attr-defined]
+            elif key == "metadata":
+                for mkey, mvalue in _parse_metadata_filter(value).items():
+                    conditions.append(
+                        exists().where(
+                            VolumeMetadata.volume_id == Volume.id,
+                            VolumeMetadata.key == mkey,
+                            VolumeMetadata.value == mvalue,
+                        )
+                    )
+        columns = [(_sort_column(k), d) for k, d in params.sort]
+        columns.append((Volume.id, params.sort[-1][1]))  # type: ignore[arg-type]
+
+        async with self.db.read() as session:
+            count = None
+            if params.with_count:
+                count = await session.scalar(select(func.count()).select_from(Volume).where(*conditions))
+            stmt = select(Volume).where(*conditions)
+            if params.marker:
+                marker = scoped(ctx, await session.get(Volume, params.marker))
+                if marker is None:
+                    raise NotFound(f"Marker {params.marker} could not be found.")
+                marker_values = list(
+                    (await session.execute(select(*[col for col, _ in columns]).where(Volume.id == marker.id))).one()
+                )
+                stmt = stmt.where(keyset_after(columns, marker_values))
+            stmt = apply_order(stmt, columns).offset(params.offset).limit(limit)
+            volumes = list((await session.execute(stmt)).scalars().all())
+            records = await load_records(session, volumes)
+        return Page(items=records, limit=limit, count=count)
+
+    async def update(
+        self,
+        ctx: Context,
+        volume_id: str,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        fields: frozenset[str] = frozenset(),
+    ) -> VolumeRecord:
+        values: dict[str, Any] = {"updated_at": utcnow()}
+        if "name" in fields:
+            values["name"] = name
+        if "description" in fields:
+            values["description"] = description
+        meta = check_metadata(metadata) if metadata is not None else None
+        async with self.db.write() as session:
+            volume = await load_volume(session, ctx, volume_id, lock=True)
+            await session.execute(update(Volume).where(Volume.id == volume.id).values(**values))  # type: ignore[arg-type]
+            if meta is not None:
+                await session.execute(delete(VolumeMetadata).where(VolumeMetadata.volume_id == volume.id))  # type: ignore[arg-type]
+                for key, value in meta.items():
+                    session.add(VolumeMetadata(volume_id=volume.id, key=key, value=value))
+                await session.flush()
+            await session.refresh(volume)
+            return (await load_records(session, [volume]))[0]
+
+    async def delete(self, ctx: Context, volume_id: str, *, force: bool = False) -> None:
+        if force and not ctx.is_admin:
+            raise Forbidden()
+        async with self.db.write() as session:
+            volume = await load_volume(session, ctx, volume_id)
+            condition: list[ColumnElement[bool]] = [
+                Volume.id == volume.id,  # type: ignore[list-item]
+                ~exists().where(Attachment.volume_id == Volume.id),
+            ]
+            if not force:
+                condition.append(Volume.status.in_(DELETABLE))  # type: ignore[attr-defined]
+            result = await session.execute(
+                update(Volume).where(*condition).values(status=VolumeStatus.DELETING, updated_at=utcnow())
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                await session.refresh(volume)
+                attached = await session.scalar(select(func.count()).where(Attachment.volume_id == volume.id))
+                if attached:
+                    raise InvalidVolume(
+                        f"Volume {volume.id} cannot be deleted: it has {attached} attachment(s); "
+                        "detach it first. Its status is " + volume.status + "."
+                    )
+                raise InvalidVolume(
+                    f"Invalid volume: Volume status must be available or error or error_restoring or "
+                    f"error_extending or error_managing and must not be migrating, attached, belong to a group, "
+                    f"have snapshots, awaiting a transfer, or be disassociated from snapshots after volume "
+                    f"transfer. The current status is {volume.status}."
+                )
+        self.work.spawn(self._finish_delete(volume.id, volume.size), name=f"delete-{volume.id}")
+
+    async def _finish_delete(self, volume_id: str, size: int) -> None:
+        try:
+            await self.dispatcher.run(volume_id, self.backends.volumes.delete, VolumeRef(id=volume_id, size_gb=size))
+        except BackendError as error:
+            log.error("deleting volume %s failed: %s", volume_id, error)
+            await asyncio.shield(self._set_status(volume_id, VolumeStatus.DELETING, VolumeStatus.ERROR_DELETING))
+            return
+        await asyncio.shield(self._remove_row(volume_id))
+
+    async def _remove_row(self, volume_id: str) -> None:
+        async with self.db.write() as session:
+            await session.execute(delete(Volume).where(Volume.id == volume_id, Volume.status == VolumeStatus.DELETING))  # type: ignore[arg-type]
