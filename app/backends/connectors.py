@@ -25,13 +25,13 @@ def valid_initiator(value: object) -> bool:
         return False
     # iSCSI names are case-insensitive in their iqn prefix; domains are lower-case by RFC 3720
     lowered = value[:4].lower() + value[4:]
-    return bool(_IQN.match(lowered) or _EUI.match(value) or _NAA.match(value))
+    return bool(_IQN.fullmatch(lowered) or _EUI.fullmatch(value) or _NAA.fullmatch(value))
 
 
 def valid_hostname(value: object) -> bool:
     if not isinstance(value, str) or not value or len(value) > 253:
         return False
-    return all(_HOSTNAME_LABEL.match(label) for label in value.rstrip(".").split("."))
+    return all(_HOSTNAME_LABEL.fullmatch(label) for label in value.rstrip(".").split("."))
 
 
 def validate_iscsi_connector(connector: Mapping[str, Any]) -> dict[str, Any]:

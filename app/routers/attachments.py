@@ -38,7 +38,7 @@ async def _list(
     params = parse_list_params(
         query, ctx=ctx, version=version, filters=ATTACHMENT_FILTERS, sort_keys=ATTACHMENT_SORT_KEYS, count_allowed=False
     )
-    page = await svc.list(ctx, params, detail=detail)
+    page = await svc.page(ctx, params, detail=detail)
     body: dict[str, Any] = {
         "attachments": [
             views.attachment_detail(r) if detail else views.attachment_summary(r.attachment) for r in page.items

@@ -27,7 +27,7 @@ async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc:
 
 @router.get("", operation_id="list_volume_types", summary="List volume types")
 async def list_volume_types(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
-    return views.reply({"volume_types": [views.volume_type(r) for r in await svc.list(ctx)]})
+    return views.reply({"volume_types": [views.volume_type(r) for r in await svc.all(ctx)]})
 
 
 @router.get("/{type_id}", operation_id="show_volume_type", summary="Show a volume type")

@@ -59,7 +59,7 @@ async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: Volu
         sort_keys=VOLUME_SORT_KEYS,
         count_allowed=version >= mv.SUPPORT_COUNT_INFO,
     )
-    page = await svc.list(ctx, params)
+    page = await svc.page(ctx, params)
     base = _base(request)
     body: dict[str, object] = {
         "volumes": [

@@ -219,7 +219,7 @@ class AttachmentService:
         async with self.db.read() as session:
             return await self._record(session, await self._load(session, ctx, attachment_id))
 
-    async def list(self, ctx: Context, params: ListParams, *, detail: bool) -> Page[AttachmentRecord]:
+    async def page(self, ctx: Context, params: ListParams, *, detail: bool) -> Page[AttachmentRecord]:
         limit = min(params.limit if params.limit is not None else 1000, 1000)
         conditions: list[ColumnElement[bool]] = []
         if not (ctx.is_admin and params.all_tenants):
@@ -602,7 +602,7 @@ class AttachmentService:
                     None,
                 )
             if chosen is None:
-                allowed = (VolumeStatus.AVAILABLE, VolumeStatus.ATTACHING, VolumeStatus.RESERVED)
+                allowed: tuple[str, ...] = (VolumeStatus.AVAILABLE, VolumeStatus.ATTACHING, VolumeStatus.RESERVED)
                 if volume.multiattach:
                     allowed += (VolumeStatus.IN_USE,)
                 if volume.status not in allowed or (not volume.multiattach and candidates):

@@ -81,7 +81,7 @@ class VolumeTypeService:
                 raise VolumeTypeNotFound(type_id)
             return TypeRecord(volume_type, await extra_specs_of(session, volume_type.id))
 
-    async def list(self, ctx: Context) -> list[TypeRecord]:
+    async def all(self, ctx: Context) -> list[TypeRecord]:
         async with self.db.read() as session:
             stmt = select(VolumeType).order_by(VolumeType.name)
             if not ctx.is_admin:

@@ -214,7 +214,7 @@ class VolumeService:
             volume = await load_volume(session, ctx, volume_id)
             return (await load_records(session, [volume]))[0]
 
-    async def list(self, ctx: Context, params: ListParams) -> Page[VolumeRecord]:
+    async def page(self, ctx: Context, params: ListParams) -> Page[VolumeRecord]:
         limit = min(params.limit if params.limit is not None else 1000, 1000)
         conditions: list[ColumnElement[bool]] = []
         if not (ctx.is_admin and params.all_tenants):
