@@ -9,6 +9,35 @@ import sys
 from pathlib import Path
 
 from app.config import Settings
+from app.services.status import StatusReport
+
+
+class CLIError(Exception):
+    """A problem the operator can fix; printed as one line, without a traceback."""
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _check(settings: Settings) -> StatusReport:
+    from app.backends.dispatch import Dispatcher
+    from app.backends.factory import build_backends
+    from app.db.engine import Database
+    from app.services.status import status
+
+    async def go() -> StatusReport:
+        try:
+            db = Database(settings.database_url, pool_size=1)
+        except Exception as error:
+            raise CLIError(f"bad database URL {settings.database_url!r}: {_one_line(error)}") from None
+        try:
+            return await status(db, Dispatcher(1), build_backends(settings))
+        finally:
+            await db.dispose()
+
+    return asyncio.run(go())
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -19,9 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings()
     if settings.is_sqlite:
         if args.workers > 1:
-            print("tether: SQLite is single-process; use PostgreSQL for --workers > 1", file=sys.stderr)
-            return 2
+            raise CLIError("SQLite is single-process; use PostgreSQL (TETHER_DATABASE_URL) for --workers > 1")
         upgrade(settings.database_url)
+    report = _check(settings)
+    if not report.healthy:
+        raise CLIError(f"not starting: database {report.database}; backend {report.backend}")
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -37,9 +68,24 @@ def _serve(args: argparse.Namespace) -> int:
 def _db_upgrade(_args: argparse.Namespace) -> int:
     from app.db.migrate import upgrade
 
-    upgrade(Settings().database_url)
+    settings = Settings()
+    try:
+        upgrade(settings.database_url)
+    except Exception as error:
+        raise CLIError(f"cannot upgrade {settings.database_url!r}: {_one_line(error)}") from None
     print("database is at the latest revision")
     return 0
+
+
+def _status(_args: argparse.Namespace) -> int:
+    settings = Settings()
+    report = _check(settings)
+    print(f"database: {report.database}")
+    print(f"backend:  {report.backend} ({settings.volume_backend} volumes, {settings.target} target)")
+    for title, counts in (("volumes", report.volumes), ("attachments", report.attachments)):
+        listed = ", ".join(f"{status} {count}" for status, count in sorted(counts.items())) or "none"
+        print(f"{title}: {listed}")
+    return 0 if report.healthy else 1
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -95,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     openapi.set_defaults(func=_openapi)
 
     commands.add_parser(
+        "status", help="is the database reachable, is the backend reachable, counts by status"
+    ).set_defaults(func=_status)
+
+    commands.add_parser(
         "reconcile", help="finish interrupted work and make the target's exports and ACLs match the database"
     ).set_defaults(func=_reconcile)
     return parser
@@ -102,7 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CLIError as error:
+        print(f"tether: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:  # settings that do not validate
+        print(f"tether: invalid configuration: {_one_line(error)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

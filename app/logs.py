@@ -6,9 +6,30 @@ import json
 import logging
 import re
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
-from app.middleware import request_id_var
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+_fields: ContextVar[dict[str, str]] = ContextVar("log_fields", default={})  # noqa: B039 - never mutated
+
+LOG_FIELDS = ("project_id", "volume_id", "attachment_id")
+
+
+def begin_request(request_id: str) -> tuple[object, object]:
+    """A request starts with its own id and no ids bound (one task may serve several requests)."""
+    return request_id_var.set(request_id), _fields.set({})
+
+
+def end_request(tokens: tuple[object, object]) -> None:
+    request_token, fields_token = tokens
+    request_id_var.reset(request_token)  # type: ignore[arg-type]
+    _fields.reset(fields_token)  # type: ignore[arg-type]
+
+
+def bind(**fields: str | None) -> None:
+    """Attach ids (project_id, volume_id, attachment_id) to every record logged later in this task."""
+    _fields.set({**_fields.get(), **{k: v for k, v in fields.items() if v}})
+
 
 # "CHAP <user> <secret>", auth_password and secret keys in connectors or connection_info
 _SECRET_PATTERNS = [
@@ -26,6 +47,8 @@ def mask(text: str) -> str:
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        for key, value in _fields.get().items():
+            setattr(record, key, value)
         return True
 
 
@@ -43,7 +66,7 @@ class _JSONFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "message": mask(record.getMessage()),
         }
-        for key in ("project_id", "volume_id", "attachment_id"):
+        for key in LOG_FIELDS:
             value = getattr(record, key, None)
             if value:
                 entry[key] = value
@@ -52,8 +75,20 @@ class _JSONFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at emit time (a redirected or captured stderr included)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.addFilter(_ContextFilter())
     if json_lines:
         handler.setFormatter(_JSONFormatter())

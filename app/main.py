@@ -20,8 +20,9 @@ from app.config import Settings
 from app.db.engine import Database
 from app.errors import TetherError, fault_body
 from app.logs import configure_logging
+from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
-from app.routers import attachments, types, versions, volume_actions, volumes
+from app.routers import attachments, operations, types, versions, volume_actions, volumes
 from app.routers.deps import version_header
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
@@ -56,6 +57,9 @@ async def _validation_error(_request: Request, error: Exception) -> JSONResponse
         message = "Malformed request body: the body is not valid JSON."
     elif first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         message = "Malformed request body: a JSON body is required."
+    elif tuple(first.get("loc", ())) == ("body",) and isinstance(first.get("input"), bytes):
+        # FastAPI leaves the body unparsed when the Content-Type is missing or not JSON
+        message = "Malformed request body: send JSON with Content-Type: application/json."
     else:
         field = _field_name(tuple(first.get("loc", ())))
         reason = str(first.get("msg", "invalid value"))
@@ -88,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(settings.database_url, settings.database_pool_size)
         backends: Backends = build_backends(settings)
         dispatcher = Dispatcher(settings.backend_workers)
+        app.state.metrics.watch(dispatcher)
         work = BackgroundWork()
         attachment_service = AttachmentService(db, dispatcher, backends)
         app.state.db = db
@@ -116,12 +121,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics()
     app.add_middleware(APIMiddleware)
     app.add_exception_handler(TetherError, _tether_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
     app.include_router(versions.router)
+    app.include_router(operations.router)
     api = _api_router()
     # /v3/<resource> first, so a resource name is never taken for a project id
     app.include_router(api, prefix="/v3", include_in_schema=False)

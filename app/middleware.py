@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
-from contextvars import ContextVar
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import microversions
 from app.errors import OverLimit, TetherError, fault_body
+from app.logs import begin_request, end_request
 
 log = logging.getLogger("tether.api")
 
 MAX_BODY = 1024 * 1024
-request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 # paths that are not part of the versioned API
 _UNVERSIONED = ("/", "/healthcheck", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
@@ -51,8 +51,10 @@ class APIMiddleware:
             await self.app(scope, receive, send)
             return
 
+        started_at = time.perf_counter()
+        status_code = 500
         request_id = f"req-{uuid.uuid4()}"
-        token = request_id_var.set(request_id)
+        token = begin_request(request_id)
         extra: list[tuple[bytes, bytes]] = [
             (b"x-openstack-request-id", request_id.encode()),
             (b"x-compute-request-id", request_id.encode()),
@@ -60,9 +62,10 @@ class APIMiddleware:
         started = False
 
         async def send_with_headers(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status_code
             if message["type"] == "http.response.start":
                 started = True
+                status_code = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -84,7 +87,8 @@ class APIMiddleware:
                 raise OverLimit()
         except TetherError as error:
             await fail(error)
-            request_id_var.reset(token)
+            end_request(token)
+            _observe(scope, error.code, time.perf_counter() - started_at)
             return
 
         received = 0
@@ -109,4 +113,21 @@ class APIMiddleware:
                 for message in _json_response_messages(500, fault_body(500, TetherError.message), []):
                     await send_with_headers(message)
         finally:
-            request_id_var.reset(token)
+            end_request(token)
+            _observe(scope, status_code, time.perf_counter() - started_at)
+
+
+def _observe(scope: Scope, status: int, seconds: float) -> None:
+    metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+    if metrics is None:
+        return
+    metrics.observe_request(scope["method"], route_template(scope), status, seconds)
+
+
+def route_template(scope: Scope) -> str:
+    """The route a request matched, with ids folded back into their names (bounded label values)."""
+    if "route" not in scope:
+        return "unmatched"
+    names = {str(value): name for name, value in scope.get("path_params", {}).items()}
+    segments = [f"{{{names[s]}}}" if s in names else s for s in scope["path"].split("/")]
+    return "/".join(segments).replace("/v3/{project_id}", "/v3")

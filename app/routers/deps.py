@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Request
 from app import microversions
 from app.auth import Context, context_from_headers
 from app.errors import NotFound
+from app.logs import bind
 from app.microversions import APIVersion
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
@@ -20,10 +21,13 @@ def get_version(request: Request) -> APIVersion:
     return request.scope.get("state", {}).get("api_version", microversions.MIN)  # type: ignore[no-any-return]
 
 
-def get_caller(request: Request) -> Context:
-    return context_from_headers(
+async def get_caller(request: Request) -> Context:
+    ctx = context_from_headers(
         request.headers, request.app.state.settings.admin_user_set, request.path_params.get("project_id")
     )
+    bind(project_id=ctx.project_id, volume_id=request.path_params.get("volume_id"))
+    bind(attachment_id=request.path_params.get("attachment_id"))
+    return ctx
 
 
 CallerDep = Annotated[Context, Depends(get_caller)]

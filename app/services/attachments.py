@@ -27,6 +27,7 @@ from app.backends.dispatch import Dispatcher, Runner
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.errors import AttachmentNotFound, BackendFailure, Conflict, InvalidAttachment, InvalidInput, InvalidVolume
+from app.logs import bind
 from app.services.listing import ListParams, Page, apply_order, keyset_after
 from app.services.volumes import load_volume, volume_ref
 
@@ -349,6 +350,7 @@ class AttachmentService:
         mode: str | None = None,
     ) -> AttachmentRecord:
         """Reserve; with a connector also connect in the same call (the bare-metal path)."""
+        bind(volume_id=volume_id)
         checked = self.validate_connector(connector) if connector else None
         record = await self.reserve(ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode)
         if checked is None:
@@ -376,6 +378,7 @@ class AttachmentService:
         self, ctx: Context, attachment_id: str, connector: dict[str, Any], run: Runner, *, undo_reserve: bool
     ) -> AttachmentRecord:
         initiator = str(connector["initiator"])
+        bind(attachment_id=attachment_id)
         async with self.db.write() as session:
             attachment = await self._load(session, ctx, attachment_id)
             volume = await load_volume(session, ctx, attachment.volume_id, lock=True)

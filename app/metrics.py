@@ -1,0 +1,71 @@
+"""Prometheus metrics: requests per route, backend operations, the dispatcher, resources by status."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from app.backends.dispatch import Dispatcher
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """One registry per app, so several apps in one process (tests) never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tether_http_requests",
+            "HTTP requests served, by route template and status code.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tether_http_request_duration_seconds",
+            "Time to serve a request, by route template.",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.backend_duration = Histogram(
+            "tether_backend_operation_duration_seconds",
+            "Time a backend operation took in the thread pool (queueing included).",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.backend_failures = Counter(
+            "tether_backend_operation_failures",
+            "Backend operations that raised.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "tether_dispatcher_queue_depth", "Backend calls waiting for a worker.", registry=self.registry
+        )
+        self.busy_workers = Gauge("tether_dispatcher_busy_workers", "Workers running a call.", registry=self.registry)
+        self.volumes = Gauge("tether_volumes", "Volumes by status.", ["status"], registry=self.registry)
+        self.attachments = Gauge("tether_attachments", "Attachments by status.", ["status"], registry=self.registry)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def observe_backend(self, operation: str, seconds: float, failed: bool) -> None:
+        self.backend_duration.labels(operation).observe(seconds)
+        if failed:
+            self.backend_failures.labels(operation).inc()
+
+    def watch(self, dispatcher: Dispatcher) -> None:
+        dispatcher.observers.append(self.observe_backend)
+        self.queue_depth.set_function(lambda: dispatcher.waiting)
+        self.busy_workers.set_function(lambda: dispatcher.busy)
+
+    def set_counts(self, volumes: dict[str, int], attachments: dict[str, int]) -> None:
+        for gauge, counts in ((self.volumes, volumes), (self.attachments, attachments)):
+            gauge.clear()
+            for status, count in counts.items():
+                gauge.labels(status).set(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""The `tether` command as an operator meets it: help everywhere, one-line errors, status."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TETHER = str(Path(sys.executable).parent / "tether")
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    return subprocess.run(
+        [TETHER, *args], capture_output=True, text=True, env={**base, **(env or {})}, cwd=cwd, timeout=60
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["db"], ["db", "upgrade"], ["openapi"], ["status"], ["reconcile"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: tether" in result.stdout
+
+
+def test_status_on_a_fresh_sqlite_database(tmp_path: Path) -> None:
+    env = {"TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db"}
+    assert run("db", "upgrade", env=env).returncode == 0
+    result = run("status", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "database: ok" in result.stdout
+    assert "backend:  ok (fake volumes, fake target)" in result.stdout
+    assert "volumes: none" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"TETHER_DATABASE_URL": "bogus://nowhere"}, "tether: bad database URL 'bogus://nowhere'"),
+        ({"TETHER_TARGET": "nope"}, "tether: invalid configuration"),
+    ],
+)
+def test_bad_configuration_is_one_line(env: dict[str, str], expected: str) -> None:
+    result = run("status", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith(expected)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_database_and_target_are_reported_not_raised(tmp_path: Path) -> None:
+    env = {
+        "TETHER_DATABASE_URL": "postgresql+asyncpg://nobody@127.0.0.1:1/none",
+        "TETHER_TARGET": "tgt",
+        "TETHER_TGT_CONTROL_PORT": "4099",
+    }
+    result = run("status", env=env)
+    assert result.returncode == 1
+    assert "database: unreachable" in result.stdout
+    assert "backend:  unreachable" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_serve_refuses_to_start_against_an_unreachable_target(tmp_path: Path) -> None:
+    env = {
+        "TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db",
+        "TETHER_TARGET": "tgt",
+        "TETHER_TGT_CONTROL_PORT": "4099",
+    }
+    result = run("serve", "--port", "1", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("tether: not starting: database ok; backend unreachable")
+    assert "Traceback" not in result.stderr
+
+
+def test_sqlite_refuses_several_workers(tmp_path: Path) -> None:
+    result = run("serve", "--workers", "2", env={"TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db"})
+    assert result.returncode == 1
+    assert "SQLite is single-process" in result.stderr
