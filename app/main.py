@@ -23,7 +23,7 @@ from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
 from app.routers import attachments, operations, types, versions, volume_actions, volumes
-from app.routers.deps import version_header
+from app.routers.deps import project_path, version_header
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
 from app.services.reconcile import Reconciler
@@ -132,5 +132,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = _api_router()
     # /v3/<resource> first, so a resource name is never taken for a project id
     app.include_router(api, prefix="/v3", include_in_schema=False)
-    app.include_router(api, prefix="/v3/{project_id}")
+    app.include_router(api, prefix="/v3/{project_id}", dependencies=[Depends(project_path)])
     return app

@@ -11,14 +11,23 @@ from app import microversions as mv
 from app.errors import BadRequest, InvalidInput, NotFound
 from app.routers import views
 from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
+from app.routers.docs import faults, since
 from app.schemas.requests import AttachmentCreateRequest, AttachmentUpdateRequest
+from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
 from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS
 from app.services.listing import parse_list_params
 
 router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[min_version(mv.NEW_ATTACH)])
 
 
-@router.post("", operation_id="create_attachment", summary="Reserve a volume, and connect it when a connector is given")
+@router.post(
+    "",
+    operation_id="create_attachment",
+    summary="Reserve a volume, and connect it when a connector is given",
+    response_model=AttachmentEnvelope,
+    responses=faults(404, 409),
+    openapi_extra=since(mv.NEW_ATTACH),
+)
 async def create_attachment(
     body: AttachmentCreateRequest, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep
 ) -> JSONResponse:
@@ -50,24 +59,52 @@ async def _list(
     return views.reply(body)
 
 
-@router.get("", operation_id="list_attachments", summary="List attachments (summaries)")
+@router.get(
+    "",
+    operation_id="list_attachments",
+    summary="List attachments (summaries)",
+    response_model=AttachmentList,
+    responses=faults(404),
+    openapi_extra=since(mv.NEW_ATTACH),
+)
 async def list_attachments(request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=False)
 
 
-@router.get("/detail", operation_id="list_attachments_detail", summary="List attachments with details")
+@router.get(
+    "/detail",
+    operation_id="list_attachments_detail",
+    summary="List attachments with details",
+    response_model=AttachmentDetailList,
+    responses=faults(404),
+    openapi_extra=since(mv.NEW_ATTACH),
+)
 async def list_attachments_detail(
     request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep
 ) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=True)
 
 
-@router.get("/{attachment_id}", operation_id="show_attachment", summary="Show an attachment")
+@router.get(
+    "/{attachment_id}",
+    operation_id="show_attachment",
+    summary="Show an attachment",
+    response_model=AttachmentEnvelope,
+    responses=faults(404),
+    openapi_extra=since(mv.NEW_ATTACH),
+)
 async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep) -> JSONResponse:
     return views.reply({"attachment": views.attachment_detail(await svc.get(ctx, attachment_id))})
 
 
-@router.put("/{attachment_id}", operation_id="update_attachment", summary="Connect an attachment with a connector")
+@router.put(
+    "/{attachment_id}",
+    operation_id="update_attachment",
+    summary="Connect an attachment with a connector",
+    response_model=AttachmentEnvelope,
+    responses=faults(404, 409),
+    openapi_extra=since(mv.NEW_ATTACH),
+)
 async def update_attachment(
     attachment_id: str, body: AttachmentUpdateRequest, ctx: CallerDep, svc: AttachmentsDep
 ) -> JSONResponse:
@@ -79,6 +116,9 @@ async def update_attachment(
     "/{attachment_id}/action",
     status_code=204,
     operation_id="complete_attachment",
+    response_class=Response,
+    responses=faults(404),
+    openapi_extra=since(mv.NEW_ATTACH_COMPLETION),
     summary="Mark an attachment attached (os-complete, 3.44+)",
 )
 async def attachment_action(
@@ -99,7 +139,14 @@ async def attachment_action(
     return Response(status_code=204)
 
 
-@router.delete("/{attachment_id}", operation_id="delete_attachment", summary="Disconnect and delete an attachment")
+@router.delete(
+    "/{attachment_id}",
+    operation_id="delete_attachment",
+    summary="Disconnect and delete an attachment",
+    response_model=AttachmentList,
+    responses=faults(404),
+    openapi_extra=since(mv.NEW_ATTACH),
+)
 async def delete_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep) -> JSONResponse:
     remaining = await svc.remove(ctx, attachment_id)
     return views.reply({"attachments": [views.attachment_summary(a) for a in remaining]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 
 from app import microversions
 from app.auth import Context, context_from_headers
@@ -44,6 +44,12 @@ def version_header(
     ] = None,
 ) -> None:
     """Documents the header; the middleware has already parsed it."""
+
+
+def project_path(
+    project_id: Annotated[str, Path(description="The caller's project (any string without '/').")],
+) -> None:
+    """Documents the project segment; get_caller compares it with the token's project."""
 
 
 def min_version(version: APIVersion) -> Any:

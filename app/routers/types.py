@@ -7,12 +7,21 @@ from fastapi.responses import JSONResponse, Response
 
 from app.routers import views
 from app.routers.deps import CallerDep, TypesDep
+from app.routers.docs import faults, since
 from app.schemas.requests import ExtraSpecsRequest, VolumeTypeCreateRequest
+from app.schemas.responses import ExtraSpecs, VolumeTypeEnvelope, VolumeTypeList
 
 router = APIRouter(prefix="/types", tags=["types"])
 
 
-@router.post("", operation_id="create_volume_type", summary="Create a volume type (admin)")
+@router.post(
+    "",
+    operation_id="create_volume_type",
+    summary="Create a volume type (admin)",
+    response_model=VolumeTypeEnvelope,
+    responses=faults(403),
+    openapi_extra=since(),
+)
 async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     spec = body.volume_type
     record = await svc.create(
@@ -25,28 +34,64 @@ async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc:
     return views.reply({"volume_type": views.volume_type(record)})
 
 
-@router.get("", operation_id="list_volume_types", summary="List volume types")
+@router.get(
+    "",
+    operation_id="list_volume_types",
+    summary="List volume types",
+    response_model=VolumeTypeList,
+    responses=faults(),
+    openapi_extra=since(),
+)
 async def list_volume_types(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     return views.reply({"volume_types": [views.volume_type(r) for r in await svc.all(ctx)]})
 
 
-@router.get("/{type_id}", operation_id="show_volume_type", summary="Show a volume type")
+@router.get(
+    "/{type_id}",
+    operation_id="show_volume_type",
+    summary="Show a volume type",
+    response_model=VolumeTypeEnvelope,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     return views.reply({"volume_type": views.volume_type(await svc.get(ctx, type_id))})
 
 
-@router.delete("/{type_id}", status_code=202, operation_id="delete_volume_type", summary="Delete a volume type (admin)")
+@router.delete(
+    "/{type_id}",
+    status_code=202,
+    operation_id="delete_volume_type",
+    summary="Delete a volume type (admin)",
+    response_class=Response,
+    responses=faults(403, 404),
+    openapi_extra=since(),
+)
 async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> Response:
     await svc.delete(ctx, type_id)
     return Response(status_code=202)
 
 
-@router.post("/{type_id}/extra_specs", operation_id="set_volume_type_extra_specs", summary="Set extra specs (admin)")
+@router.post(
+    "/{type_id}/extra_specs",
+    operation_id="set_volume_type_extra_specs",
+    summary="Set extra specs (admin)",
+    response_model=ExtraSpecs,
+    responses=faults(403, 404),
+    openapi_extra=since(),
+)
 async def set_extra_specs(type_id: str, body: ExtraSpecsRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     return views.reply({"extra_specs": await svc.set_extra_specs(ctx, type_id, body.extra_specs)})
 
 
-@router.get("/{type_id}/extra_specs", operation_id="list_volume_type_extra_specs", summary="List extra specs")
+@router.get(
+    "/{type_id}/extra_specs",
+    operation_id="list_volume_type_extra_specs",
+    summary="List extra specs",
+    response_model=ExtraSpecs,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     return views.reply({"extra_specs": await svc.get_extra_specs(ctx, type_id)})
 
@@ -56,6 +101,9 @@ async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONRe
     status_code=202,
     operation_id="delete_volume_type_extra_spec",
     summary="Delete one extra spec (admin)",
+    response_class=Response,
+    responses=faults(403, 404),
+    openapi_extra=since(),
 )
 async def delete_extra_spec(type_id: str, key: str, ctx: CallerDep, svc: TypesDep) -> Response:
     await svc.delete_extra_spec(ctx, type_id, key)

@@ -9,6 +9,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app import microversions
 from app.routers.deps import CallerDep
+from app.routers.docs import faults
+from app.schemas.responses import Versions
 
 router = APIRouter(tags=["versions"])
 
@@ -35,12 +37,24 @@ def _versions(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/", status_code=300, operation_id="list_versions", summary="List API versions (no auth)")
+@router.get(
+    "/",
+    status_code=300,
+    operation_id="list_versions",
+    summary="List API versions (no auth)",
+    response_model=Versions,
+)
 async def list_versions(request: Request) -> JSONResponse:
     return JSONResponse(_versions(request), status_code=300)
 
 
-@router.get("/v3/", operation_id="show_version", summary="Show the v3 API version")
+@router.get(
+    "/v3/",
+    operation_id="show_version",
+    summary="Show the v3 API version",
+    response_model=Versions,
+    responses=faults(),
+)
 async def show_version(request: Request, _ctx: CallerDep) -> JSONResponse:
     # keystoneauth discovers without a token and retries with one after a 401
     return JSONResponse(_versions(request))

@@ -12,6 +12,8 @@ from app.auth import Context
 from app.errors import BadRequest, InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, LegacyDep
+from app.routers.docs import faults, since
+from app.schemas.responses import LegacyConnectionEnvelope
 from app.services.legacy import LegacyService
 
 router = APIRouter(prefix="/volumes", tags=["volume actions"])
@@ -138,6 +140,13 @@ ACTIONS: dict[str, Handler] = {
     operation_id="volume_action",
     summary="Run one classic volume action (os-reserve, os-initialize_connection, os-attach, …)",
     response_model=None,
+    response_class=Response,
+    responses={
+        **faults(403, 404, 409),
+        200: {"model": LegacyConnectionEnvelope, "description": "os-initialize_connection"},
+        202: {"description": "Every other action: accepted, no body"},
+    },
+    openapi_extra=since(),
 )
 async def volume_action(
     volume_id: str,

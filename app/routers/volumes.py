@@ -9,7 +9,9 @@ from app import microversions as mv
 from app.errors import InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, VersionDep, VolumesDep
+from app.routers.docs import faults, since
 from app.schemas.requests import VolumeCreateRequest, VolumeUpdateRequest
+from app.schemas.responses import VolumeDetailList, VolumeEnvelope, VolumeList
 from app.services.listing import parse_bool, parse_list_params
 from app.services.volumes import VOLUME_FILTERS, VOLUME_SORT_KEYS
 
@@ -29,7 +31,15 @@ def _refuse_extra(version: mv.APIVersion, *models: object) -> None:
             raise InvalidInput(f"Additional properties are not allowed ({', '.join(sorted(extra))} were unexpected)")
 
 
-@router.post("", status_code=202, operation_id="create_volume", summary="Create a volume")
+@router.post(
+    "",
+    status_code=202,
+    operation_id="create_volume",
+    summary="Create a volume",
+    response_model=VolumeEnvelope,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def create_volume(
     request: Request, body: VolumeCreateRequest, ctx: CallerDep, version: VersionDep, svc: VolumesDep
 ) -> JSONResponse:
@@ -73,17 +83,38 @@ async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: Volu
     return views.reply(body)
 
 
-@router.get("", operation_id="list_volumes", summary="List volumes (summaries)")
+@router.get(
+    "",
+    operation_id="list_volumes",
+    summary="List volumes (summaries)",
+    response_model=VolumeList,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def list_volumes(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=False)
 
 
-@router.get("/detail", operation_id="list_volumes_detail", summary="List volumes with details")
+@router.get(
+    "/detail",
+    operation_id="list_volumes_detail",
+    summary="List volumes with details",
+    response_model=VolumeDetailList,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def list_volumes_detail(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=True)
 
 
-@router.get("/{volume_id}", operation_id="show_volume", summary="Show a volume")
+@router.get(
+    "/{volume_id}",
+    operation_id="show_volume",
+    summary="Show a volume",
+    response_model=VolumeEnvelope,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def show_volume(
     request: Request, volume_id: str, ctx: CallerDep, version: VersionDep, svc: VolumesDep
 ) -> JSONResponse:
@@ -91,7 +122,14 @@ async def show_volume(
     return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
 
 
-@router.put("/{volume_id}", operation_id="update_volume", summary="Update a volume's name, description or metadata")
+@router.put(
+    "/{volume_id}",
+    operation_id="update_volume",
+    summary="Update a volume's name, description or metadata",
+    response_model=VolumeEnvelope,
+    responses=faults(404),
+    openapi_extra=since(),
+)
 async def update_volume(
     request: Request, volume_id: str, body: VolumeUpdateRequest, ctx: CallerDep, version: VersionDep, svc: VolumesDep
 ) -> JSONResponse:
@@ -113,7 +151,15 @@ async def update_volume(
     return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
 
 
-@router.delete("/{volume_id}", status_code=202, operation_id="delete_volume", summary="Delete a volume")
+@router.delete(
+    "/{volume_id}",
+    status_code=202,
+    operation_id="delete_volume",
+    summary="Delete a volume",
+    response_class=Response,
+    responses=faults(403, 404),
+    openapi_extra=since(),
+)
 async def delete_volume(request: Request, volume_id: str, ctx: CallerDep, svc: VolumesDep) -> Response:
     force = parse_bool("force", request.query_params.get("force", "false"))
     parse_bool("cascade", request.query_params.get("cascade", "false"))
