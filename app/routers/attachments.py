@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import microversions as mv
@@ -12,7 +12,7 @@ from app.errors import BadRequest, InvalidInput, NotFound
 from app.routers import views
 from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
 from app.routers.docs import faults, since
-from app.schemas.requests import AttachmentCreateRequest, AttachmentUpdateRequest
+from app.schemas.requests import AttachmentActionRequest, AttachmentCreateRequest, AttachmentUpdateRequest
 from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
 from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS
 from app.services.listing import parse_list_params
@@ -123,14 +123,15 @@ async def update_attachment(
 )
 async def attachment_action(
     attachment_id: str,
-    body: Annotated[dict[str, Any], Body(examples=[{"os-complete": None}])],
+    body: AttachmentActionRequest,
     ctx: CallerDep,
     version: VersionDep,
     svc: AttachmentsDep,
 ) -> Response:
-    if len(body) != 1:
+    actions = body.actions()
+    if len(actions) != 1:
         raise BadRequest("Malformed request body")
-    (action,) = body
+    (action,) = actions
     if action != "os-complete":
         raise BadRequest(f"There is no such action: {action}")
     if version < mv.NEW_ATTACH_COMPLETION:

@@ -111,6 +111,18 @@ class AttachmentCreateRequest(BaseModel):
     attachment: AttachmentCreate
 
 
+class AttachmentActionRequest(BaseModel):
+    """`{"os-complete": null}`: exactly one action key (the value is ignored)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    os_complete: Any = Field(default=None, alias="os-complete")
+
+    def actions(self) -> list[str]:
+        given = ["os-complete"] if "os_complete" in self.model_fields_set else []
+        return given + list(self.model_extra or {})
+
+
 class AttachmentUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
