@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     availability_zone: str = "nova"
     host: str = "tether@default#default"
     reconcile_on_start: bool = True
+    # PostgreSQL only: serialise each volume's backend work across every process sharing the database
+    distributed_locks: bool = True
 
     @property
     def admin_user_set(self) -> frozenset[str]:

@@ -19,6 +19,7 @@ from app.backends.dispatch import Dispatcher
 from app.backends.factory import build_backends
 from app.config import Settings
 from app.db.engine import Database
+from app.db.locks import AdvisoryLocks
 from app.errors import TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
@@ -107,7 +108,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, settings.database_pool_size)
         backends: Backends = build_backends(settings)
-        dispatcher = Dispatcher(settings.backend_workers)
+        locks = None if db.is_sqlite or not settings.distributed_locks else AdvisoryLocks(settings.database_url)
+        dispatcher = Dispatcher(settings.backend_workers, locks)
         app.state.metrics.watch(dispatcher)
         work = BackgroundWork()
         attachment_service = AttachmentService(db, dispatcher, backends)
@@ -126,6 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await work.idle()
+            if locks is not None:
+                await locks.close()
             await db.dispose()
 
     app = FastAPI(

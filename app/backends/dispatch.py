@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -40,6 +40,10 @@ class KeyedLocks:
         return len(self._locks)
 
 
+class Locks(Protocol):
+    def hold(self, key: str) -> AbstractAsyncContextManager[None]: ...
+
+
 class Runner:
     """Runs blocking calls in the pool while the caller holds a volume's lock."""
 
@@ -51,10 +55,11 @@ class Runner:
 
 
 class Dispatcher:
-    def __init__(self, workers: int = 4) -> None:
+    def __init__(self, workers: int = 4, locks: Locks | None = None) -> None:
         self.workers = workers
         self._limiter = anyio.CapacityLimiter(workers)
-        self._locks = KeyedLocks()
+        # in-process by default; several processes sharing a database pass locks that span them
+        self._locks: Locks = locks or KeyedLocks()
         # observers for metrics: fn(operation name, seconds, failed)
         self.observers: list[Callable[[str, float, bool], None]] = []
 

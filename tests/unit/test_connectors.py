@@ -10,7 +10,13 @@ GOOD = "iqn.1993-08.org.debian:01:abcdef123"
 
 @pytest.mark.parametrize(
     "initiator",
-    [GOOD, "iqn.2004-10.com.ubuntu:01:7f3a", "iqn.2010-10.org.openstack", "eui.02004567A425678D", "naa.52004567BA64678D"],
+    [
+        GOOD,
+        "iqn.2004-10.com.ubuntu:01:7f3a",
+        "iqn.2010-10.org.openstack",
+        "eui.02004567A425678D",
+        "naa.52004567BA64678D",
+    ],
 )
 def test_valid_initiators(initiator: str) -> None:
     assert validate_iscsi_connector({"initiator": initiator})["initiator"] == initiator
