@@ -18,7 +18,14 @@ def build_backends(settings: Settings) -> Backends:
 
         volumes = FileVolumeStore(settings.file_dir)
     else:
-        raise ValueError(f"volume backend {settings.volume_backend!r} is not available yet")
+        from app.backends.volumes.lvm import LvmVolumeStore
+
+        volumes = LvmVolumeStore(
+            vg=settings.lvm_vg,
+            lvm_type=settings.lvm_type,
+            thin_pool=settings.lvm_thin_pool,
+            extra_config=settings.lvm_config,
+        )
 
     if settings.target == "fake":
         target = FakeTarget(settings.target_iqn_prefix, settings.target_portal, delay=settings.fake_delay)
@@ -31,5 +38,7 @@ def build_backends(settings: Settings) -> Backends:
             control_port=settings.tgt_control_port,
         )
     else:
-        raise ValueError(f"target {settings.target!r} is not available yet")
+        from app.backends.targets.lio import LioTarget
+
+        target = LioTarget(settings.target_iqn_prefix, settings.target_portal)
     return Backends(volumes=volumes, target=target)
