@@ -17,8 +17,13 @@ from app.services.types import VolumeTypeService
 from app.services.volumes import VolumeService
 
 
-def get_version(request: Request) -> APIVersion:
+def version_of(request: Request) -> APIVersion:
     return request.scope.get("state", {}).get("api_version", microversions.MIN)  # type: ignore[no-any-return]
+
+
+# every dependency is async: a sync one would cost a thread-pool hop per request
+async def get_version(request: Request) -> APIVersion:
+    return version_of(request)
 
 
 async def get_caller(request: Request) -> Context:
@@ -34,7 +39,7 @@ CallerDep = Annotated[Context, Depends(get_caller)]
 VersionDep = Annotated[APIVersion, Depends(get_version)]
 
 
-def version_header(
+async def version_header(
     openstack_api_version: Annotated[
         str | None,
         Header(
@@ -46,7 +51,7 @@ def version_header(
     """Documents the header; the middleware has already parsed it."""
 
 
-def project_path(
+async def project_path(
     project_id: Annotated[str, Path(description="The caller's project (any string without '/').")],
 ) -> None:
     """Documents the project segment; get_caller compares it with the token's project."""
@@ -55,27 +60,27 @@ def project_path(
 def min_version(version: APIVersion) -> Any:
     """A dependency that makes a route (or action) not exist below `version`."""
 
-    def check(request: Request) -> None:
-        if get_version(request) < version:
+    async def check(request: Request) -> None:
+        if version_of(request) < version:
             raise NotFound()
 
     check.__name__ = f"min_version_{version.major}_{version.minor}"
     return Depends(check)
 
 
-def _volumes(request: Request) -> VolumeService:
+async def _volumes(request: Request) -> VolumeService:
     return request.app.state.volumes  # type: ignore[no-any-return]
 
 
-def _types(request: Request) -> VolumeTypeService:
+async def _types(request: Request) -> VolumeTypeService:
     return request.app.state.types  # type: ignore[no-any-return]
 
 
-def _attachments(request: Request) -> AttachmentService:
+async def _attachments(request: Request) -> AttachmentService:
     return request.app.state.attachments  # type: ignore[no-any-return]
 
 
-def _legacy(request: Request) -> LegacyService:
+async def _legacy(request: Request) -> LegacyService:
     return request.app.state.legacy  # type: ignore[no-any-return]
 
 

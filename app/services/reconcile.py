@@ -136,13 +136,18 @@ class Reconciler:
                     if have is None and chap is not None:
                         await run(target.create_export, ref, self.backends.volumes.path(ref), chap)
                         report.exports_restored.append(volume_id)
-                    present = have.initiators if have else frozenset()
-                    for initiator in sorted(initiators - present):
-                        await run(target.add_initiator, ref, initiator)
-                        report.acls_added.append((volume_id, initiator))
-                    for initiator in sorted(present - initiators):
-                        await run(target.remove_initiator, ref, initiator)
-                        report.acls_removed.append((volume_id, initiator))
+                    elif chap is None:
+                        report.errors.append(f"export {volume_id}: no CHAP credentials recorded")
+                        continue
+                    # iSCSI names compare case-insensitively (LIO keeps them in lower case)
+                    present = {i.lower(): i for i in (have.initiators if have else ())}
+                    expected = {i.lower(): i for i in initiators}
+                    for key in sorted(expected.keys() - present.keys()):
+                        await run(target.add_initiator, ref, expected[key])
+                        report.acls_added.append((volume_id, expected[key]))
+                    for key in sorted(present.keys() - expected.keys()):
+                        await run(target.remove_initiator, ref, present[key])
+                        report.acls_removed.append((volume_id, present[key]))
             except BackendError as error:
                 log.error("reconcile: restoring the export of volume %s failed: %s", volume_id, error)
                 report.errors.append(f"export {volume_id}")
