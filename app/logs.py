@@ -94,7 +94,13 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
         handler.setFormatter(_JSONFormatter())
     else:
         handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    handler.setLevel(level.upper())
     root = logging.getLogger("tether")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    # the backends log under their module names (app.backends.*: tgtadm argv, exports, ACLs); the handler's
+    # level filters them, so the logger itself stays open to whoever else listens above it
+    backends = logging.getLogger("app")
+    backends.handlers[:] = [handler]
+    backends.setLevel(logging.DEBUG)

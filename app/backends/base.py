@@ -63,6 +63,9 @@ class ExportState:
     volume_id: str
     target_iqn: str
     initiators: frozenset[str] = field(default_factory=frozenset)
+    # False when the target exists but cannot serve the volume yet (no LUN or no CHAP account bound:
+    # a create_export cut short); reconcile then runs create_export again before adding any ACL
+    complete: bool = True
 
 
 @dataclass(frozen=True)

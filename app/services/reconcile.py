@@ -133,7 +133,8 @@ class Reconciler:
             chap = chap_of(volume)
             try:
                 async with self.dispatcher.exclusive(volume_id) as run:
-                    if have is None and chap is not None:
+                    # an export missing, or left half-made by a crash, is (re)made before any ACL opens it
+                    if (have is None or not have.complete) and chap is not None:
                         await run(target.create_export, ref, self.backends.volumes.path(ref), chap)
                         report.exports_restored.append(volume_id)
                     elif chap is None:

@@ -192,7 +192,10 @@ class TgtTarget:
             volume_id = target.iqn[len(prefix) :]
             # address ACLs (-I) share the list with initiator names; only names are ours
             initiators = frozenset(a for a in target.acls if valid_initiator(a))
-            states[volume_id] = ExportState(volume_id=volume_id, target_iqn=target.iqn, initiators=initiators)
+            complete = LUN in target.luns and bool(target.accounts) and target.state == READY
+            states[volume_id] = ExportState(
+                volume_id=volume_id, target_iqn=target.iqn, initiators=initiators, complete=complete
+            )
         return states
 
     def ping(self) -> None:
