@@ -49,6 +49,8 @@ class VolumeCreateRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     volume: VolumeCreate
+    # python-cinderclient's `create --hint`; Cinder's schema allows it next to `volume` (accepted and ignored)
+    scheduler_hints: dict[str, Any] | None = Field(default=None, alias="OS-SCH-HNT:scheduler_hints")
 
 
 class VolumeUpdate(BaseModel):

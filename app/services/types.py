@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import Context
 from app.db.engine import Database
 from app.db.models import Volume, VolumeType, VolumeTypeExtraSpec, utcnow
-from app.errors import Forbidden, InvalidInput, NotFound, VolumeTypeNotFound
+from app.errors import Conflict, Forbidden, InvalidInput, NotFound, VolumeTypeNotFound
 
 DEFAULT_TYPE = "__DEFAULT__"
 
@@ -71,7 +71,7 @@ class VolumeTypeService:
                 for key, value in extra_specs.items():
                     session.add(VolumeTypeExtraSpec(volume_type_id=volume_type.id, key=key, value=value))
         except IntegrityError:
-            raise InvalidInput(f"Volume Type {name} already exists.") from None
+            raise Conflict(f"Volume Type {name} already exists.") from None
         return TypeRecord(volume_type, dict(extra_specs))
 
     async def get(self, ctx: Context, type_id: str) -> TypeRecord:

@@ -41,8 +41,20 @@ DELETABLE = (
     VolumeStatus.ERROR_EXTENDING,
 )
 VOLUME_FILTERS = frozenset({"name", "status", "metadata", "bootable", "availability_zone"})
+# python-cinderclient sends `name` as `display_name`, Cinder's column name
 VOLUME_SORT_KEYS = frozenset(
-    {"id", "name", "status", "size", "created_at", "updated_at", "availability_zone", "bootable", "project_id"}
+    {
+        "id",
+        "name",
+        "display_name",
+        "status",
+        "size",
+        "created_at",
+        "updated_at",
+        "availability_zone",
+        "bootable",
+        "project_id",
+    }
 )
 
 
@@ -122,7 +134,7 @@ def _parse_metadata_filter(value: str) -> dict[str, str]:
 
 
 def _sort_column(key: str) -> ColumnElement[Any]:
-    if key == "name":
+    if key in ("name", "display_name"):
         return func.coalesce(Volume.name, "")
     if key == "updated_at":
         return func.coalesce(Volume.updated_at, Volume.created_at)
