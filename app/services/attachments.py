@@ -355,7 +355,23 @@ class AttachmentService:
         record = await self.reserve(ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode)
         if checked is None:
             return record
-        return await self._connect(ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True)
+        try:
+            return await self._connect(ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True)
+        except (Conflict, InvalidAttachment):
+            # refused before any backend work (a backend failure undoes itself): drop the reservation too
+            await self._drop_reservation(ctx, record.attachment)
+            raise
+
+    async def _drop_reservation(self, ctx: Context, attachment: Attachment) -> None:
+        async with self.db.write() as session:
+            await load_volume(session, ctx, attachment.volume_id, lock=True)
+            await session.execute(
+                delete(Attachment).where(
+                    Attachment.id == attachment.id,  # type: ignore[arg-type]
+                    Attachment.attach_status == AttachStatus.RESERVED,  # type: ignore[arg-type]
+                )
+            )
+            await recompute_volume(session, attachment.volume_id)
 
     # -- connect --------------------------------------------------------------------------------
 
@@ -366,17 +382,34 @@ class AttachmentService:
         return await self._connect(ctx, attachment_id, checked, volume_id=volume_id, undo_reserve=False)
 
     async def _connect(
-        self, ctx: Context, attachment_id: str, connector: dict[str, Any], *, volume_id: str, undo_reserve: bool
+        self,
+        ctx: Context,
+        attachment_id: str,
+        connector: dict[str, Any],
+        *,
+        volume_id: str,
+        undo_reserve: bool,
+        keep_status: bool = False,
     ) -> AttachmentRecord:
         async def work() -> AttachmentRecord:
             async with self.dispatcher.exclusive(volume_id) as run:
-                return await self._connect_locked(ctx, attachment_id, connector, run, undo_reserve=undo_reserve)
+                return await self._connect_locked(
+                    ctx, attachment_id, connector, run, undo_reserve=undo_reserve, keep_status=keep_status
+                )
 
         return await _shielded(work)
 
     async def _connect_locked(
-        self, ctx: Context, attachment_id: str, connector: dict[str, Any], run: Runner, *, undo_reserve: bool
+        self,
+        ctx: Context,
+        attachment_id: str,
+        connector: dict[str, Any],
+        run: Runner,
+        *,
+        undo_reserve: bool,
+        keep_status: bool = False,
     ) -> AttachmentRecord:
+        """keep_status: os-initialize_connection changes no volume status (os-reserve set it, os-attach moves it)."""
         initiator = str(connector["initiator"])
         bind(attachment_id=attachment_id)
         async with self.db.write() as session:
@@ -397,6 +430,12 @@ class AttachmentService:
                 chap = new_chap()
                 volume.provider_auth = f"CHAP {chap.username} {chap.secret}"
             mode = attachment.attach_mode if attachment.attach_mode in ("rw", "ro") else "rw"
+            # re-connected from another host: the old host loses its ACL, unless another attachment shares it
+            replaced: str | None = None
+            if attachment.attach_status in CONNECTED:
+                previous = (await connector_of(session, attachment.id)).get("initiator")
+                if previous not in (None, initiator) and not await sharing(session, volume.id, previous, attachment.id):
+                    replaced = str(previous)
             now = utcnow()
             claimed = await session.execute(
                 update(Attachment)
@@ -415,15 +454,20 @@ class AttachmentService:
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 raise InvalidAttachment(f"Attachment {attachment.id} changed while being connected; try again.")
             await store_connector(session, attachment.id, connector)
-            await recompute_volume(session, volume.id)
+            if not keep_status:
+                await recompute_volume(session, volume.id)
         ref = volume_ref(volume)
         try:
             path = self.backends.volumes.path(ref)
             export = await run(self.backends.target.create_export, ref, path, chap)
             await run(self.backends.target.add_initiator, ref, initiator)
+            if replaced:
+                await run(self.backends.target.remove_initiator, ref, replaced)
         except BackendError as error:
             log.error("connecting attachment %s of volume %s failed: %s", attachment.id, volume.id, error)
-            await self._undo_connect(attachment, initiator, run, remove=undo_reserve)
+            await self._undo_connect(
+                attachment, initiator, run, remove=undo_reserve, recompute=undo_reserve or not keep_status
+            )
             raise BackendFailure(f"Unable to connect volume {volume.id}: the storage backend failed.") from None
 
         async with self.db.write() as session:
@@ -440,7 +484,9 @@ class AttachmentService:
             await session.flush()
             return await self._record(session, attachment)
 
-    async def _undo_connect(self, attachment: Attachment, initiator: str, run: Runner, *, remove: bool) -> None:
+    async def _undo_connect(
+        self, attachment: Attachment, initiator: str, run: Runner, *, remove: bool, recompute: bool = True
+    ) -> None:
         """After a failed connect: no ACL or export that nothing else needs, and the volume status recomputed."""
         ref = VolumeRef(id=attachment.volume_id, size_gb=0)
         async with self.db.write() as session:
@@ -452,7 +498,8 @@ class AttachmentService:
                     .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
                     .values(attach_status=AttachStatus.ERROR_ATTACHING, connection_info=None, updated_at=utcnow())
                 )
-            await recompute_volume(session, attachment.volume_id)
+            if recompute:
+                await recompute_volume(session, attachment.volume_id)
             shared = await sharing(session, attachment.volume_id, initiator, attachment.id)
             others = await session.scalar(select(_has(attachment.volume_id, *CONNECTED, other_than=attachment.id)))
         try:
@@ -475,10 +522,13 @@ class AttachmentService:
                 .values(attach_status=AttachStatus.ATTACHED, updated_at=utcnow())
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
-                await session.refresh(attachment)
+                # read again: a delete may have committed while we waited for the volume's lock
+                status = await session.scalar(select(Attachment.attach_status).where(Attachment.id == attachment.id))
+                if status is None:
+                    raise AttachmentNotFound(attachment.id)
                 raise InvalidAttachment(
                     f"Attachment {attachment.id} status must be attaching or attached to complete, "
-                    f"but the current status is {attachment.attach_status}."
+                    f"but the current status is {status}."
                 )
             await recompute_volume(session, attachment.volume_id)
 
@@ -542,12 +592,26 @@ class AttachmentService:
     async def connect_for_initiator(
         self, ctx: Context, volume_id: str, connector: Mapping[str, Any]
     ) -> AttachmentRecord:
-        """os-initialize_connection: (re)connect the attachment this connector belongs to, or the pending one."""
+        """os-initialize_connection: connect the pending reservation, else re-connect this host's attachment.
+
+        The reservation os-reserve made comes first: a second instance on a host that already has a
+        connection needs an attachment (and a connector row) of its own, or its shared ACL goes with
+        the first one. Neither path changes the volume status: os-reserve set it and os-attach moves it.
+        """
         checked = self.validate_connector(connector)
         initiator = json.dumps(checked["initiator"])
         async with self.db.read() as session:
             await load_volume(session, ctx, volume_id)
-            same_host = await session.scalar(
+            pending = await session.scalar(
+                select(Attachment.id)
+                .where(
+                    Attachment.volume_id == volume_id,
+                    Attachment.attach_status.in_((AttachStatus.RESERVED, AttachStatus.ERROR_ATTACHING)),  # type: ignore[attr-defined]
+                )
+                .order_by(Attachment.instance_uuid.is_not(None), Attachment.created_at)  # type: ignore[union-attr, arg-type]
+                .limit(1)
+            )
+            pending = pending or await session.scalar(
                 select(Attachment.id)
                 .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
                 .where(
@@ -559,20 +623,13 @@ class AttachmentService:
                 .order_by(Attachment.created_at)  # type: ignore[arg-type]
                 .limit(1)
             )
-            pending = same_host or await session.scalar(
-                select(Attachment.id)
-                .where(
-                    Attachment.volume_id == volume_id,
-                    Attachment.attach_status.in_((AttachStatus.RESERVED, AttachStatus.ERROR_ATTACHING)),  # type: ignore[attr-defined]
-                )
-                .order_by(Attachment.instance_uuid.is_not(None), Attachment.created_at)  # type: ignore[union-attr, arg-type]
-                .limit(1)
-            )
         if pending is None:
             # Nova may initialize without reserving first; reserve on its behalf, as os-reserve would
             record = await self.reserve(ctx, volume_id=volume_id, legacy=True)
-            return await self._connect(ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True)
-        return await self._connect(ctx, pending, checked, volume_id=volume_id, undo_reserve=False)
+            return await self._connect(
+                ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True, keep_status=True
+            )
+        return await self._connect(ctx, pending, checked, volume_id=volume_id, undo_reserve=False, keep_status=True)
 
     async def mark_attached(
         self,
@@ -638,18 +695,36 @@ class AttachmentService:
             return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     async def unreserve(self, ctx: Context, volume_id: str) -> None:
-        """os-unreserve: drop the pending, never-attached reservations of an `attaching` volume."""
-        async with self.db.write() as session:
-            volume = await load_volume(session, ctx, volume_id, lock=True)
-            if volume.status != VolumeStatus.ATTACHING:
-                return
-            await session.execute(
-                delete(Attachment).where(
-                    Attachment.volume_id == volume.id,  # type: ignore[arg-type]
-                    Attachment.attach_status.in_((AttachStatus.RESERVED, AttachStatus.ERROR_ATTACHING)),  # type: ignore[attr-defined]
-                )
-            )
-            await recompute_volume(session, volume.id)
+        """os-unreserve: drop the never-attached attachments of an `attaching` volume.
+
+        One that os-initialize_connection connected (Nova's failed attach: terminate, then unreserve)
+        goes as a delete would, with the ACL and export nothing else needs.
+        """
+
+        async def work() -> None:
+            async with self.dispatcher.exclusive(volume_id) as run:
+                async with self.db.write() as session:
+                    volume = await load_volume(session, ctx, volume_id, lock=True)
+                    if volume.status != VolumeStatus.ATTACHING:
+                        return
+                    await session.execute(
+                        delete(Attachment).where(
+                            Attachment.volume_id == volume.id,  # type: ignore[arg-type]
+                            Attachment.attach_status.in_((AttachStatus.RESERVED, AttachStatus.ERROR_ATTACHING)),  # type: ignore[attr-defined]
+                        )
+                    )
+                    rows = await session.execute(
+                        select(Attachment.id).where(
+                            Attachment.volume_id == volume.id,  # type: ignore[arg-type]
+                            Attachment.attach_status == AttachStatus.ATTACHING,  # type: ignore[arg-type]
+                        )
+                    )
+                    connected = list(rows.scalars().all())
+                    await recompute_volume(session, volume.id)
+                for attachment_id in connected:
+                    await self._remove_locked(ctx, attachment_id, run)
+
+        await _shielded(work)
 
     async def disconnect_initiator(self, ctx: Context, volume_id: str, connector: Mapping[str, Any]) -> None:
         """os-terminate_connection: drop the initiator's ACL unless another connected attachment still uses it."""
