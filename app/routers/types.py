@@ -10,6 +10,7 @@ from app.routers.deps import CallerDep, TypesDep
 from app.routers.docs import faults, since
 from app.schemas.requests import ExtraSpecsRequest, VolumeTypeCreateRequest
 from app.schemas.responses import ExtraSpecs, VolumeTypeEnvelope, VolumeTypeList
+from app.services.types import DEFAULT_TYPE
 
 router = APIRouter(prefix="/types", tags=["types"])
 
@@ -44,6 +45,18 @@ async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc:
 )
 async def list_volume_types(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     return views.reply({"volume_types": [views.volume_type(r) for r in await svc.all(ctx)]})
+
+
+@router.get(
+    "/default",
+    operation_id="show_default_volume_type",
+    summary="Show the default volume type (cinder type-default)",
+    response_model=VolumeTypeEnvelope,
+    responses=faults(404),
+    openapi_extra=since(),
+)
+async def show_default_volume_type(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+    return views.reply({"volume_type": views.volume_type(await svc.get(ctx, DEFAULT_TYPE))})
 
 
 @router.get(

@@ -48,6 +48,7 @@ async def list_versions(request: Request) -> JSONResponse:
     return JSONResponse(_versions(request), status_code=300)
 
 
+@router.get("/v3", include_in_schema=False)  # keystoneauth asks without the slash; Cinder answers both
 @router.get(
     "/v3/",
     operation_id="show_version",

@@ -267,3 +267,16 @@ async def test_multiattach_spec_set_later_applies_to_new_volumes(api: Api) -> No
     assert before["multiattach"] is False
     assert after["multiattach"] is True
     assert (await api.volume(before["id"]))["multiattach"] is False
+
+
+async def test_default_type_is_shown_for_cinder_type_default(api: Api) -> None:
+    response = await api.get("/types/default")
+    assert response.status_code == 200
+    assert response.json()["volume_type"]["name"] == "__DEFAULT__"
+
+
+async def test_v3_without_slash_answers_like_v3_with_it(api: Api) -> None:
+    assert (await api.client.get("/v3")).status_code == 401
+    response = await api.client.get("/v3", headers=api.headers())
+    assert response.status_code == 200
+    assert response.json()["versions"][0]["version"] == "3.71"
