@@ -490,6 +490,8 @@ class AttachmentService:
         """After a failed connect: no ACL or export that nothing else needs, and the volume status recomputed."""
         ref = VolumeRef(id=attachment.volume_id, size_gb=0)
         async with self.db.write() as session:
+            # the volume's lock first, as every transition takes it: the recompute then sees what others committed
+            await session.execute(select(Volume.id).where(Volume.id == attachment.volume_id).with_for_update())
             if remove:
                 await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
             else:
