@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from app.errors import BadRequest, Unauthorized
 
+MAX_ID_LENGTH = 255
+
 
 @dataclass(frozen=True)
 class Context:
@@ -29,6 +31,9 @@ def context_from_headers(
         project = headers.get("x-project-id") or user
     if not user or not project:
         raise Unauthorized("Authentication required: send X-Auth-Token.")
+    if len(user) > MAX_ID_LENGTH or len(project) > MAX_ID_LENGTH:
+        # Keystone ids are far shorter; the columns that record them hold 255 characters
+        raise Unauthorized(f"Authentication failed: user and project ids are at most {MAX_ID_LENGTH} characters.")
     if path_project is not None and path_project != project:
         raise BadRequest("Malformed request url")
     return Context(user_id=user, project_id=project, is_admin=user in admin_users)

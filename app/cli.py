@@ -103,6 +103,7 @@ def _reconcile(_args: argparse.Namespace) -> int:
     from app.backends.dispatch import Dispatcher
     from app.backends.factory import build_backends
     from app.db.engine import Database
+    from app.secrets import SecretBox
     from app.services.reconcile import Reconciler
 
     settings = Settings()
@@ -110,7 +111,9 @@ def _reconcile(_args: argparse.Namespace) -> int:
     async def go() -> int:
         db = Database(settings.database_url)
         try:
-            report = await Reconciler(db, Dispatcher(settings.backend_workers), build_backends(settings)).run()
+            report = await Reconciler(
+                db, Dispatcher(settings.backend_workers), build_backends(settings), SecretBox(settings.secret_key)
+            ).run()
         finally:
             await db.dispose()
         for name, value in vars(report).items():

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     availability_zone: str = "nova"
     host: str = "tether@default#default"
     reconcile_on_start: bool = True
+    # Fernet key or passphrase: CHAP secrets are stored sealed (reconcile seals the ones stored before)
+    secret_key: str | None = None
     # PostgreSQL only: serialise each volume's backend work across every process sharing the database
     distributed_locks: bool = True
 

@@ -25,7 +25,8 @@ from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
 from app.routers import attachments, operations, types, versions, volume_actions, volumes
-from app.routers.deps import project_path, version_header
+from app.routers.deps import project_path, storable_input, version_header
+from app.secrets import SecretBox
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
 from app.services.reconcile import Reconciler
@@ -94,7 +95,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def _api_router() -> APIRouter:
-    api = APIRouter(dependencies=[Depends(version_header)])
+    api = APIRouter(dependencies=[Depends(version_header), Depends(storable_input)])
     for module in (volumes, volume_actions, types, attachments):
         api.include_router(module.router)
     return api
@@ -112,7 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dispatcher = Dispatcher(settings.backend_workers, locks)
         app.state.metrics.watch(dispatcher)
         work = BackgroundWork()
-        attachment_service = AttachmentService(db, dispatcher, backends)
+        secrets = SecretBox(settings.secret_key)
+        attachment_service = AttachmentService(db, dispatcher, backends, secrets)
         app.state.db = db
         app.state.backends = backends
         app.state.dispatcher = dispatcher
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.types = VolumeTypeService(db)
         app.state.attachments = attachment_service
         app.state.legacy = LegacyService(db, attachment_service)
-        app.state.reconciler = Reconciler(db, dispatcher, backends)
+        app.state.reconciler = Reconciler(db, dispatcher, backends, secrets)
         if settings.reconcile_on_start:
             await app.state.reconciler.run()
         try:

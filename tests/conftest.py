@@ -58,7 +58,7 @@ def postgres_url() -> Iterator[str]:
     name = f"tether_test_{uuid.uuid4().hex[:10]}"
     try:
         asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
-    except Exception as error:  # noqa: BLE001 - any failure means "no server here"
+    except Exception as error:
         missing(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {error}")
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     url = f"{base}/{name}"
@@ -177,7 +177,8 @@ def fault(response: httpx.Response, code: int) -> str:
     assert len(body) == 1, body
     (detail,) = body.values()
     assert detail["code"] == code
-    assert isinstance(detail["message"], str) and detail["message"]
+    assert isinstance(detail["message"], str)
+    assert detail["message"]
     return str(detail["message"])
 
 
@@ -223,7 +224,7 @@ def start_server(tmp: Path, env_overrides: dict[str, str] | None = None, workers
     )
     env.update(env_overrides or {})
     log = tmp / f"server-{port}.log"
-    process = subprocess.Popen(  # noqa: S603 - fixed argv
+    process = subprocess.Popen(
         [str(Path(sys.executable).parent / "tether"), "serve", "--port", str(port), "--workers", str(workers)],
         cwd=tmp,
         env={**env, "PYTHONPATH": str(ROOT)},

@@ -63,6 +63,9 @@ def run(
     Raises BackendError when the command is missing or times out, and CommandFailed on a
     non-zero exit when `check` is true. Nothing logged or raised contains a string of `secrets`.
     """
+    if isinstance(argv, str | bytes):
+        # iterating a command string would run its first character; nothing here is ever a shell line
+        raise TypeError("run() takes an argv list, never a command string")
     args = [str(a) for a in argv]
     if not args:
         raise ValueError("empty argv")

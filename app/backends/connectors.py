@@ -10,6 +10,8 @@ from typing import Any
 from app.backends.base import InvalidConnector
 
 MAX_INITIATOR_BYTES = 223
+# each key becomes an attachment_specs row, whose key column holds 255 characters
+MAX_KEY_LENGTH = 255
 
 # iqn.YYYY-MM.reversed.domain[:anything printable without spaces or shell metacharacters]
 _IQN = re.compile(
@@ -38,6 +40,9 @@ def validate_iscsi_connector(connector: Mapping[str, Any]) -> dict[str, Any]:
     """Check the keys a target acts on; keep every other key as given."""
     if not isinstance(connector, Mapping):
         raise InvalidConnector("connector", "must be an object")
+    for key in connector:
+        if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+            raise InvalidConnector("keys", f"must be 1 to {MAX_KEY_LENGTH} printable characters")
     initiator = connector.get("initiator")
     if initiator is None:
         raise InvalidConnector("initiator", "is required for iSCSI")

@@ -8,7 +8,7 @@ from fastapi import Depends, Header, Path, Request
 
 from app import microversions
 from app.auth import Context, context_from_headers
-from app.errors import NotFound
+from app.errors import BadRequest, InvalidInput, NotFound
 from app.logs import bind
 from app.microversions import APIVersion
 from app.services.attachments import AttachmentService
@@ -55,6 +55,66 @@ async def project_path(
     project_id: Annotated[str, Path(description="The caller's project (any string without '/').")],
 ) -> None:
     """Documents the project segment; get_caller compares it with the token's project."""
+
+
+def _unstorable(text: str) -> bool:
+    """NUL and unpaired surrogates: no database stores them and no JSON response can carry them."""
+    if "\x00" in text:
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _shown(text: str) -> str:
+    return text.encode(errors="backslashreplace").decode().replace("\x00", "\\x00")
+
+
+def _find_unstorable(value: Any, where: str) -> str | None:
+    """The dotted path of the first string (key or value) that cannot be stored, if any."""
+    if isinstance(value, str):
+        return where if _unstorable(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{where}.{_shown(key)}" if where else _shown(key)
+            if _unstorable(key):
+                return inner
+            found = _find_unstorable(item, inner)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for item in value:
+            found = _find_unstorable(item, where)
+            if found is not None:
+                return found
+    return None
+
+
+async def storable_input(request: Request) -> None:
+    """Refuse NUL characters and unpaired surrogates anywhere in the path, the query or a JSON body.
+
+    Every one of these strings may reach a query or a column; PostgreSQL refuses them (a 500 otherwise)
+    and SQLite would store what PostgreSQL cannot, so both refuse them here, once, before any service runs.
+    """
+    if any("\x00" in value for value in request.path_params.values()):
+        raise BadRequest("Malformed request url")
+    for key, value in request.query_params.multi_items():
+        if "\x00" in key or "\x00" in value:
+            raise InvalidInput(f"Invalid input for query parameter {_shown(key)}: NUL characters are not allowed.")
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # not JSON: the route's own validation says so
+    field = _find_unstorable(body, "")
+    if field is not None:
+        raise InvalidInput(
+            f"Invalid input for field/attribute {field or 'body'}: "
+            "text must not contain NUL characters or unpaired surrogates."
+        )
 
 
 def min_version(version: APIVersion) -> Any:

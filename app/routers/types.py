@@ -20,7 +20,7 @@ router = APIRouter(prefix="/types", tags=["types"])
     operation_id="create_volume_type",
     summary="Create a volume type (admin)",
     response_model=VolumeTypeEnvelope,
-    responses=faults(403),
+    responses=faults(403, 409),
     openapi_extra=since(),
 )
 async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -43,6 +44,23 @@ def _optional_str(action: str, body: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _optional_text(action: str, body: dict[str, Any], key: str, max_length: int = 255) -> str | None:
+    value = _optional_str(action, body, key)
+    if value is not None and len(value) > max_length:
+        raise InvalidInput(f"Invalid input for field/attribute {action}.{key}: at most {max_length} characters.")
+    return value
+
+
+def _optional_uuid(action: str, body: dict[str, Any], key: str) -> str | None:
+    value = _optional_str(action, body, key)
+    if value is None:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidInput(f"Invalid input for field/attribute {action}.{key}: it must be a UUID.") from None
+
+
 def _accepted() -> Response:
     return Response(status_code=202)
 
@@ -70,9 +88,9 @@ async def _attach(svc: LegacyService, ctx: Context, volume_id: str, value: Any) 
     await svc.attach(
         ctx,
         volume_id,
-        instance_uuid=_optional_str("os-attach", body, "instance_uuid"),
-        host_name=_optional_str("os-attach", body, "host_name"),
-        mountpoint=_optional_str("os-attach", body, "mountpoint"),
+        instance_uuid=_optional_uuid("os-attach", body, "instance_uuid"),
+        host_name=_optional_text("os-attach", body, "host_name"),
+        mountpoint=_optional_text("os-attach", body, "mountpoint"),
         mode=mode,
     )
     return _accepted()

@@ -92,10 +92,10 @@ def _uuid_text(value: Any) -> Any:
     if not isinstance(value, str):
         raise ValueError("must be a UUID string")
     try:
-        uuid.UUID(value)
+        # the canonical form: uuid.UUID also takes braces, urn:uuid: and no hyphens, longer than the 36-character column
+        return str(uuid.UUID(value))
     except ValueError:
         raise ValueError("must be a UUID") from None
-    return value
 
 
 class AttachmentCreate(BaseModel):

@@ -26,8 +26,17 @@ from app.backends.connectors import wants_multipath
 from app.backends.dispatch import Dispatcher, Runner
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
-from app.errors import AttachmentNotFound, BackendFailure, Conflict, InvalidAttachment, InvalidInput, InvalidVolume
+from app.errors import (
+    AttachmentNotFound,
+    BackendFailure,
+    Conflict,
+    InvalidAttachment,
+    InvalidInput,
+    InvalidVolume,
+    TetherError,
+)
 from app.logs import bind
+from app.secrets import SecretBox, SecretKeyError
 from app.services.listing import ListParams, Page, apply_order, keyset_after
 from app.services.volumes import load_volume, volume_ref
 
@@ -53,11 +62,15 @@ _CHAP_ALPHABET = string.ascii_letters + string.digits
 class AttachmentRecord:
     attachment: Attachment
     shared_with: list[str] = field(default_factory=list)
+    secrets: SecretBox = field(default_factory=lambda: SecretBox(None))
 
     @property
     def connection_info(self) -> dict[str, Any]:
         raw = self.attachment.connection_info
-        return json.loads(raw) if raw else {}
+        info: dict[str, Any] = json.loads(raw) if raw else {}
+        if isinstance(info.get("auth_password"), str):
+            info["auth_password"] = self.secrets.open(info["auth_password"])
+        return info
 
 
 def new_chap() -> Chap:
@@ -67,11 +80,20 @@ def new_chap() -> Chap:
     )
 
 
-def chap_of(volume: Volume) -> Chap | None:
+def chap_of(volume: Volume, box: SecretBox) -> Chap | None:
+    """The volume's CHAP credentials from provider_auth ("CHAP <user> <secret, sealed or plain>")."""
     if not volume.provider_auth:
         return None
-    _method, username, secret = volume.provider_auth.split(" ", 2)
-    return Chap(username=username, secret=secret)
+    _method, username, stored = volume.provider_auth.split(" ", 2)
+    try:
+        return Chap(username=username, secret=box.open(stored))
+    except SecretKeyError as error:
+        log.error("volume %s: %s", volume.id, error)
+        raise TetherError("The volume's CHAP secret cannot be read; check TETHER_SECRET_KEY.") from None
+
+
+def provider_auth(chap: Chap, box: SecretBox) -> str:
+    return f"CHAP {chap.username} {box.seal(chap.secret)}"
 
 
 def _has(volume_id: str, *statuses: str, other_than: str | None = None) -> ColumnElement[bool]:
@@ -200,10 +222,13 @@ async def _shielded(work: Callable[[], Awaitable[T]]) -> T:
 
 
 class AttachmentService:
-    def __init__(self, db: Database, dispatcher: Dispatcher, backends: Backends) -> None:
+    def __init__(
+        self, db: Database, dispatcher: Dispatcher, backends: Backends, secrets: SecretBox | None = None
+    ) -> None:
         self.db = db
         self.dispatcher = dispatcher
         self.backends = backends
+        self.secrets = secrets or SecretBox(None)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -214,7 +239,8 @@ class AttachmentService:
         return attachment
 
     async def _record(self, session: AsyncSession, attachment: Attachment) -> AttachmentRecord:
-        return AttachmentRecord(attachment, (await shared_map(session, [attachment])).get(attachment.id, []))
+        shared = (await shared_map(session, [attachment])).get(attachment.id, [])
+        return AttachmentRecord(attachment, shared, self.secrets)
 
     async def get(self, ctx: Context, attachment_id: str) -> AttachmentRecord:
         async with self.db.read() as session:
@@ -258,7 +284,7 @@ class AttachmentService:
             stmt = apply_order(stmt, columns).offset(params.offset).limit(limit)
             attachments = list((await session.execute(stmt)).scalars().all())
             shared = await shared_map(session, attachments) if detail else {}
-        return Page(items=[AttachmentRecord(a, shared.get(a.id, [])) for a in attachments], limit=limit)
+        return Page(items=[AttachmentRecord(a, shared.get(a.id, []), self.secrets) for a in attachments], limit=limit)
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -338,7 +364,7 @@ class AttachmentService:
     ) -> AttachmentRecord:
         async with self.db.write() as session:
             attachment = await self._reserve(session, ctx, volume_id, instance_uuid, mode, legacy=legacy)
-        return AttachmentRecord(attachment)
+        return AttachmentRecord(attachment, secrets=self.secrets)
 
     async def create(
         self,
@@ -425,10 +451,10 @@ class AttachmentService:
                     raise Conflict(
                         f"Volume {volume.id} is not multiattach and another of its attachments is already connected."
                     )
-            chap = chap_of(volume)
+            chap = chap_of(volume, self.secrets)
             if chap is None:
                 chap = new_chap()
-                volume.provider_auth = f"CHAP {chap.username} {chap.secret}"
+                volume.provider_auth = provider_auth(chap, self.secrets)
             mode = attachment.attach_mode if attachment.attach_mode in ("rw", "ro") else "rw"
             # re-connected from another host: the old host loses its ACL, unless another attachment shares it
             replaced: str | None = None
@@ -475,7 +501,8 @@ class AttachmentService:
             info = build_connection_info(
                 volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=mode
             )
-            attachment.connection_info = json.dumps(info)
+            # stored with the secret sealed like provider_auth; AttachmentRecord opens it for the caller
+            attachment.connection_info = json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)})
             await session.execute(
                 update(Volume)
                 .where(Volume.id == volume.id)  # type: ignore[arg-type]

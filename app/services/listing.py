@@ -14,6 +14,8 @@ from app.errors import InvalidInput
 from app.microversions import FILTERS_STRICT, APIVersion
 
 MAX_LIMIT = 1000
+# LIMIT and OFFSET are 64-bit integers in both databases; a larger number is an error there, not an empty page
+MAX_NUMBER = 2**63 - 1
 PAGING_KEYS = frozenset({"limit", "marker", "sort", "sort_key", "sort_dir", "offset", "with_count"})
 TRUE_WORDS = frozenset({"1", "true", "yes", "on", "t", "y"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", "f", "n"})
@@ -60,6 +62,8 @@ def _int(name: str, value: str, minimum: int) -> int:
         raise InvalidInput(f"Invalid {name} '{value}': it must be an integer.") from None
     if number < minimum:
         raise InvalidInput(f"Invalid {name} '{value}': it must be at least {minimum}.")
+    if number > MAX_NUMBER:
+        raise InvalidInput(f"Invalid {name} '{value}': it must be at most {MAX_NUMBER}.")
     return number
 
 

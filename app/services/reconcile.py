@@ -13,7 +13,8 @@ from app.backends.base import BackendError, Backends, VolumeRef
 from app.backends.dispatch import Dispatcher
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
-from app.services.attachments import CONNECTED, chap_of, recompute_volume
+from app.secrets import SEALED, SecretBox
+from app.services.attachments import CONNECTED, chap_of, provider_auth, recompute_volume
 
 log = logging.getLogger("tether.reconcile")
 
@@ -28,23 +29,60 @@ class ReconcileReport:
     exports_removed: list[str] = field(default_factory=list)
     acls_added: list[tuple[str, str]] = field(default_factory=list)
     acls_removed: list[tuple[str, str]] = field(default_factory=list)
+    secrets_sealed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
 class Reconciler:
-    def __init__(self, db: Database, dispatcher: Dispatcher, backends: Backends) -> None:
+    def __init__(
+        self, db: Database, dispatcher: Dispatcher, backends: Backends, secrets: SecretBox | None = None
+    ) -> None:
         self.db = db
         self.dispatcher = dispatcher
         self.backends = backends
+        self.secrets = secrets or SecretBox(None)
 
     async def run(self) -> ReconcileReport:
         report = ReconcileReport()
+        await self._seal_secrets(report)
         await self._volumes(report)
         await self._attachments(report)
         await self._target(report)
         if any(getattr(report, name) for name in report.__dataclass_fields__):
             log.info("reconcile: %s", report)
         return report
+
+    async def _seal_secrets(self, report: ReconcileReport) -> None:
+        """Once TETHER_SECRET_KEY is set, CHAP secrets stored before it are sealed too."""
+        if not self.secrets.sealing:
+            return
+        async with self.db.write() as session:
+            plain = (
+                await session.execute(
+                    select(Volume).where(
+                        Volume.provider_auth.is_not(None),  # type: ignore[union-attr]
+                        Volume.provider_auth.not_like(f"% {SEALED}%"),  # type: ignore[union-attr]
+                    )
+                )
+            ).scalars()
+            for volume in plain:
+                chap = chap_of(volume, self.secrets)
+                if chap is not None:
+                    volume.provider_auth = provider_auth(chap, self.secrets)
+                    report.secrets_sealed.append(volume.id)
+            infos = (
+                await session.execute(
+                    select(Attachment).where(
+                        Attachment.connection_info.is_not(None),  # type: ignore[union-attr]
+                        Attachment.connection_info.not_like(f'%"auth_password": "{SEALED}%'),  # type: ignore[union-attr]
+                    )
+                )
+            ).scalars()
+            for attachment in infos:
+                info = json.loads(attachment.connection_info or "{}")
+                if isinstance(info.get("auth_password"), str):
+                    info["auth_password"] = self.secrets.seal(info["auth_password"])
+                    attachment.connection_info = json.dumps(info)
 
     async def _volumes(self, report: ReconcileReport) -> None:
         async with self.db.read() as session:
@@ -130,7 +168,7 @@ class Reconciler:
         for volume_id, (volume, initiators) in wanted.items():
             ref = VolumeRef(id=volume.id, size_gb=volume.size)
             have = actual.get(volume_id)
-            chap = chap_of(volume)
+            chap = chap_of(volume, self.secrets)
             try:
                 async with self.dispatcher.exclusive(volume_id) as run:
                     # an export missing, or left half-made by a crash, is (re)made before any ACL opens it

@@ -44,8 +44,10 @@ async def test_os_brick_connector_is_accepted_unmodified(api: Api, brick_connect
     info = attachment["connection_info"]
     assert info["driver_volume_type"] == "iscsi"
     assert info["target_iqn"] == f"iqn.2010-10.org.openstack:volume-{volume['id']}"
-    assert info["target_portal"] and info["target_lun"] == 1
-    assert info["auth_method"] == "CHAP" and len(info["auth_password"]) == 16
+    assert info["target_portal"]
+    assert info["target_lun"] == 1
+    assert info["auth_method"] == "CHAP"
+    assert len(info["auth_password"]) == 16
     assert info["enforce_multipath"] is False
     assert api.app.state.backends.target.acls(volume["id"]) == {brick_connector["initiator"]}
 
