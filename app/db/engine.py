@@ -55,6 +55,9 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         self.engine = build_engine(url, pool_size)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False, autoflush=False)
+        # PostgreSQL reads run in autocommit: no BEGIN/COMMIT round trips; each statement sees committed data
+        reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._readers = async_sessionmaker(reader, expire_on_commit=False, autoflush=False)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
@@ -68,7 +71,8 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, session.begin():
+        """Reads only: on PostgreSQL each statement runs on its own (no snapshot spans the block)."""
+        async with self._readers() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:
