@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, case, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Context
@@ -140,8 +140,12 @@ async def connector_of(session: AsyncSession, attachment_id: str) -> dict[str, A
     return {key: json.loads(value) for key, value in rows.all()}
 
 
-async def store_connector(session: AsyncSession, attachment_id: str, connector: Mapping[str, Any]) -> None:
-    await session.execute(delete(AttachmentSpec).where(AttachmentSpec.attachment_id == attachment_id))  # type: ignore[arg-type]
+async def store_connector(
+    session: AsyncSession, attachment_id: str, connector: Mapping[str, Any], *, fresh: bool = False
+) -> None:
+    """One row per connector key; `fresh`: the attachment was created in this transaction and has none yet."""
+    if not fresh:
+        await session.execute(delete(AttachmentSpec).where(AttachmentSpec.attachment_id == attachment_id))  # type: ignore[arg-type]
     session.add_all(
         AttachmentSpec(attachment_id=attachment_id, key=str(key), value=json.dumps(value))
         for key, value in connector.items()
@@ -305,7 +309,7 @@ class AttachmentService:
         mode: str | None,
         *,
         legacy: bool = False,
-    ) -> Attachment:
+    ) -> tuple[Attachment, Volume]:
         volume = await load_volume(session, ctx, volume_id)
         if legacy:
             # os-reserve: the classic face shows the reservation as `attaching`
@@ -351,7 +355,7 @@ class AttachmentService:
         )
         session.add(attachment)
         await session.flush()
-        return attachment
+        return attachment, volume
 
     async def reserve(
         self,
@@ -363,7 +367,7 @@ class AttachmentService:
         legacy: bool = False,
     ) -> AttachmentRecord:
         async with self.db.write() as session:
-            attachment = await self._reserve(session, ctx, volume_id, instance_uuid, mode, legacy=legacy)
+            attachment, _volume = await self._reserve(session, ctx, volume_id, instance_uuid, mode, legacy=legacy)
         return AttachmentRecord(attachment, secrets=self.secrets)
 
     async def create(
@@ -377,27 +381,19 @@ class AttachmentService:
     ) -> AttachmentRecord:
         """Reserve; with a connector also connect in the same call (the bare-metal path)."""
         bind(volume_id=volume_id)
-        checked = self.validate_connector(connector) if connector else None
-        record = await self.reserve(ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode)
-        if checked is None:
-            return record
-        try:
-            return await self._connect(ctx, record.attachment.id, checked, volume_id=volume_id, undo_reserve=True)
-        except (Conflict, InvalidAttachment):
-            # refused before any backend work (a backend failure undoes itself): drop the reservation too
-            await self._drop_reservation(ctx, record.attachment)
-            raise
+        if not connector:
+            return await self.reserve(ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode)
+        checked = self.validate_connector(connector)
 
-    async def _drop_reservation(self, ctx: Context, attachment: Attachment) -> None:
-        async with self.db.write() as session:
-            await load_volume(session, ctx, attachment.volume_id, lock=True)
-            await session.execute(
-                delete(Attachment).where(
-                    Attachment.id == attachment.id,  # type: ignore[arg-type]
-                    Attachment.attach_status == AttachStatus.RESERVED,  # type: ignore[arg-type]
+        # The reservation and the connect claim share one transaction: a refusal (400, 409) rolls both back,
+        # and a backend failure afterwards removes the attachment again (_undo_connect), so nothing is left.
+        async def work() -> AttachmentRecord:
+            async with self.dispatcher.exclusive(volume_id) as run:
+                return await self._connect_locked(
+                    ctx, None, checked, run, undo_reserve=True, reserve=(volume_id, instance_uuid, mode)
                 )
-            )
-            await recompute_volume(session, attachment.volume_id)
+
+        return await _shielded(work)
 
     # -- connect --------------------------------------------------------------------------------
 
@@ -428,19 +424,27 @@ class AttachmentService:
     async def _connect_locked(
         self,
         ctx: Context,
-        attachment_id: str,
+        attachment_id: str | None,
         connector: dict[str, Any],
         run: Runner,
         *,
         undo_reserve: bool,
         keep_status: bool = False,
+        reserve: tuple[str, str | None, str | None] | None = None,
     ) -> AttachmentRecord:
-        """keep_status: os-initialize_connection changes no volume status (os-reserve set it, os-attach moves it)."""
+        """keep_status: os-initialize_connection changes no volume status (os-reserve set it, os-attach moves it).
+
+        reserve: (volume_id, instance_uuid, mode) to reserve a new attachment in the same transaction.
+        """
         initiator = str(connector["initiator"])
-        bind(attachment_id=attachment_id)
         async with self.db.write() as session:
-            attachment = await self._load(session, ctx, attachment_id)
-            volume = await load_volume(session, ctx, attachment.volume_id, lock=True)
+            if reserve is not None:
+                attachment, volume = await self._reserve(session, ctx, *reserve)
+            else:
+                assert attachment_id is not None
+                attachment = await self._load(session, ctx, attachment_id)
+                volume = await load_volume(session, ctx, attachment.volume_id, lock=True)
+            bind(attachment_id=attachment.id)
             if attachment.attach_status not in CONNECTABLE:
                 raise InvalidAttachment(
                     f"Attachment {attachment.id} cannot be connected: its status is {attachment.attach_status}."
@@ -479,7 +483,7 @@ class AttachmentService:
             )
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 raise InvalidAttachment(f"Attachment {attachment.id} changed while being connected; try again.")
-            await store_connector(session, attachment.id, connector)
+            await store_connector(session, attachment.id, connector, fresh=reserve is not None)
             if not keep_status:
                 await recompute_volume(session, volume.id)
         ref = volume_ref(volume)
@@ -496,20 +500,30 @@ class AttachmentService:
             )
             raise BackendFailure(f"Unable to connect volume {volume.id}: the storage backend failed.") from None
 
+        info = build_connection_info(
+            volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=mode
+        )
         async with self.db.write() as session:
-            attachment = await self._load(session, ctx, attachment.id)
-            info = build_connection_info(
-                volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=mode
-            )
             # stored with the secret sealed like provider_auth; AttachmentRecord opens it for the caller
-            attachment.connection_info = json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)})
-            await session.execute(
-                update(Volume)
-                .where(Volume.id == volume.id)  # type: ignore[arg-type]
-                .values(provider_location=export.provider_location)
-            )
-            await session.flush()
-            return await self._record(session, attachment)
+            recorded = (
+                await session.execute(
+                    update(Attachment)
+                    .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
+                    .values(connection_info=json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)}))
+                    .returning(Attachment)
+                )
+            ).scalar_one_or_none()
+            if recorded is None:
+                raise AttachmentNotFound(attachment.id)  # deleted while the backend worked
+            if volume.provider_location != export.provider_location:
+                await session.execute(
+                    update(Volume)
+                    .where(Volume.id == volume.id)  # type: ignore[arg-type]
+                    .values(provider_location=export.provider_location)
+                )
+            if not volume.multiattach:
+                return AttachmentRecord(recorded, [], self.secrets)
+            return await self._record(session, recorded)
 
     async def _undo_connect(
         self, attachment: Attachment, initiator: str, run: Runner, *, remove: bool, recompute: bool = True
@@ -577,13 +591,22 @@ class AttachmentService:
     async def _remove_locked(self, ctx: Context, attachment_id: str, run: Runner) -> list[Attachment]:
         async with self.db.read() as session:
             attachment = await self._load(session, ctx, attachment_id)
-            volume = await load_volume(session, ctx, attachment.volume_id)
-            connector = await connector_of(session, attachment.id)
-            initiator = connector.get("initiator")
-            connected = attachment.attach_status in (*CONNECTED, AttachStatus.ERROR_DETACHING)
-            shared = await sharing(session, volume.id, str(initiator), attachment.id) if connected and initiator else []
-            others = await session.scalar(select(_has(volume.id, *CONNECTED, other_than=attachment.id)))
-        ref = volume_ref(volume)
+            # every attachment of the volume with its initiator, in one query: what else uses the ACL and export
+            rows = await session.execute(
+                select(Attachment.id, Attachment.attach_status, AttachmentSpec.value)
+                .outerjoin(
+                    AttachmentSpec,
+                    and_(AttachmentSpec.attachment_id == Attachment.id, AttachmentSpec.key == "initiator"),  # type: ignore[arg-type]
+                )
+                .where(Attachment.volume_id == attachment.volume_id)  # type: ignore[arg-type]
+            )
+            initiators = {aid: (status, json.loads(value) if value else None) for aid, status, value in rows.all()}
+        initiator = initiators.get(attachment.id, (None, None))[1]
+        others = [(s, i) for aid, (s, i) in initiators.items() if aid != attachment.id and s in CONNECTED]
+        connected = attachment.attach_status in (*CONNECTED, AttachStatus.ERROR_DETACHING)
+        shared = any(i == initiator for _s, i in others)
+        volume_id = attachment.volume_id
+        ref = VolumeRef(id=volume_id, size_gb=0)  # removal needs the name, never the size
         if connected:
             try:
                 if initiator and not shared:
@@ -591,20 +614,20 @@ class AttachmentService:
                 if not others:
                     await run(self.backends.target.remove_export, ref)
             except BackendError as error:
-                log.error("disconnecting attachment %s of volume %s failed: %s", attachment.id, volume.id, error)
+                log.error("disconnecting attachment %s of volume %s failed: %s", attachment.id, volume_id, error)
                 async with self.db.write() as session:
                     await session.execute(
                         update(Attachment)
                         .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
                         .values(attach_status=AttachStatus.ERROR_DETACHING, updated_at=utcnow())
                     )
-                raise BackendFailure(f"Unable to disconnect volume {volume.id}: the storage backend failed.") from None
+                raise BackendFailure(f"Unable to disconnect volume {volume_id}: the storage backend failed.") from None
         async with self.db.write() as session:
-            await load_volume(session, ctx, volume.id, lock=True)
+            await load_volume(session, ctx, volume_id, lock=True)
             await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
-            await recompute_volume(session, volume.id)
+            await recompute_volume(session, volume_id)
             remaining = await session.execute(
-                select(Attachment).where(Attachment.volume_id == volume.id).order_by(Attachment.created_at)  # type: ignore[arg-type]
+                select(Attachment).where(Attachment.volume_id == volume_id).order_by(Attachment.created_at)  # type: ignore[arg-type]
             )
             return list(remaining.scalars().all())
 
