@@ -13,11 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Server, start_server, stop_server
+from tests.conftest import IN_CI, Server, start_server, stop_server
 
 CINDER = Path(sys.executable).parent / "cinder"
 
-pytestmark = pytest.mark.skipif(not CINDER.exists(), reason="python-cinderclient is not installed")
+# a missing cinderclient is a failure in CI (it is in the test extra), a skip elsewhere
+pytestmark = pytest.mark.skipif(not CINDER.exists() and not IN_CI, reason="python-cinderclient is not installed")
 
 
 class Cinder:
