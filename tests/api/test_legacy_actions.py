@@ -18,28 +18,17 @@ from sqlmodel import col, select
 
 from app.backends.targets.fake import FakeTarget
 from app.db.models import Volume
+from tests.api import attaching
+from tests.api.attaching import initiator
 from tests.conftest import Api, fault
 
 IQN_PREFIX = "iqn.2010-10.org.openstack:volume-"
 PORTAL = "127.0.0.1:3260"
 
 
-def initiator(host: str) -> str:
-    return f"iqn.1993-08.org.debian:01:{host}"
-
-
 def connector(host: str = "compute-1", **extra: Any) -> dict[str, Any]:
     """What Nova (through os-brick) sends for an iSCSI compute host."""
-    return {
-        "initiator": initiator(host),
-        "ip": "192.0.2.10",
-        "host": host,
-        "platform": "x86_64",
-        "os_type": "linux",
-        "multipath": False,
-        "do_local_attach": False,
-        **extra,
-    }
+    return attaching.connector(host, **extra)
 
 
 def new_uuid() -> str:
