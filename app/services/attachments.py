@@ -460,9 +460,10 @@ class AttachmentService:
                 chap = new_chap()
                 volume.provider_auth = provider_auth(chap, self.secrets)
             mode = attachment.attach_mode if attachment.attach_mode in ("rw", "ro") else "rw"
-            # re-connected from another host: the old host loses its ACL, unless another attachment shares it
+            # re-connected from another host: the old host loses its ACL, unless another attachment shares it;
+            # on the legacy face (keep_status) only os-terminate_connection removes an ACL
             replaced: str | None = None
-            if attachment.attach_status in CONNECTED:
+            if attachment.attach_status in CONNECTED and not keep_status:
                 previous = (await connector_of(session, attachment.id)).get("initiator")
                 if previous not in (None, initiator) and not await sharing(session, volume.id, previous, attachment.id):
                     replaced = str(previous)
@@ -504,6 +505,14 @@ class AttachmentService:
             volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=mode
         )
         async with self.db.write() as session:
+            # the volume's row before the attachment's, the order every transition takes them in: the other
+            # order deadlocks with an os-complete of this attachment (which holds the volume's row)
+            if volume.provider_location != export.provider_location:
+                await session.execute(
+                    update(Volume)
+                    .where(Volume.id == volume.id)  # type: ignore[arg-type]
+                    .values(provider_location=export.provider_location)
+                )
             # stored with the secret sealed like provider_auth; AttachmentRecord opens it for the caller
             recorded = (
                 await session.execute(
@@ -515,12 +524,6 @@ class AttachmentService:
             ).scalar_one_or_none()
             if recorded is None:
                 raise AttachmentNotFound(attachment.id)  # deleted while the backend worked
-            if volume.provider_location != export.provider_location:
-                await session.execute(
-                    update(Volume)
-                    .where(Volume.id == volume.id)  # type: ignore[arg-type]
-                    .values(provider_location=export.provider_location)
-                )
             if not volume.multiattach:
                 return AttachmentRecord(recorded, [], self.secrets)
             return await self._record(session, recorded)
@@ -674,6 +677,22 @@ class AttachmentService:
                 )
                 .order_by(Attachment.created_at)  # type: ignore[arg-type]
                 .limit(1)
+            )
+            migrating = pending or await session.scalar(
+                select(Attachment.id)
+                .join(Volume, Volume.id == Attachment.volume_id)  # type: ignore[arg-type]
+                .where(
+                    Attachment.volume_id == volume_id,
+                    Volume.multiattach.is_(False),  # type: ignore[attr-defined]
+                    Attachment.attach_status == AttachStatus.ATTACHED,
+                )
+                .limit(1)
+            )
+        if pending is None and migrating is not None:
+            # Nova's legacy live migration: the destination host connects to the attached volume's attachment;
+            # the source keeps its ACL until its own os-terminate_connection
+            return await self._connect(
+                ctx, migrating, checked, volume_id=volume_id, undo_reserve=False, keep_status=True
             )
         if pending is None:
             # Nova may initialize without reserving first; reserve on its behalf, as os-reserve would
