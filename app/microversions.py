@@ -26,7 +26,8 @@ class APIVersion(NamedTuple):
         return f"{self.major}.{self.minor}"
 
 
-_VERSION = re.compile(r"^([1-9]\d*)\.(0|[1-9]\d*)$")
+# at most 9 digits a part: a longer number is garbage, and int() refuses past 4300 digits (a ValueError, not a 400)
+_VERSION = re.compile(r"^([1-9]\d{0,8})\.(0|[1-9]\d{0,8})$")
 
 MIN = APIVersion(3, 0)
 MAX = APIVersion(3, 71)

@@ -90,6 +90,13 @@ class APIMiddleware:
             end_request(token)
             _observe(scope, error.code, time.perf_counter() - started_at)
             return
+        except Exception:
+            # a request must never escape without the fault body and request id, whatever failed
+            log.exception("unexpected error reading the headers of %s %s", scope["method"], scope["path"])
+            await fail(TetherError())
+            end_request(token)
+            _observe(scope, 500, time.perf_counter() - started_at)
+            return
 
         received = 0
 

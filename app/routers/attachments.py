@@ -11,7 +11,7 @@ from app import microversions as mv
 from app.errors import BadRequest, InvalidInput, NotFound
 from app.routers import views
 from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
-from app.routers.docs import faults, since
+from app.routers.docs import faults, list_query, since
 from app.schemas.requests import AttachmentActionRequest, AttachmentCreateRequest, AttachmentUpdateRequest
 from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
 from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS
@@ -65,7 +65,7 @@ async def _list(
     summary="List attachments (summaries)",
     response_model=AttachmentList,
     responses=faults(404),
-    openapi_extra=since(mv.NEW_ATTACH),
+    openapi_extra={**since(mv.NEW_ATTACH), **list_query(*sorted(ATTACHMENT_FILTERS))},
 )
 async def list_attachments(request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=False)
@@ -77,7 +77,7 @@ async def list_attachments(request: Request, ctx: CallerDep, version: VersionDep
     summary="List attachments with details",
     response_model=AttachmentDetailList,
     responses=faults(404),
-    openapi_extra=since(mv.NEW_ATTACH),
+    openapi_extra={**since(mv.NEW_ATTACH), **list_query(*sorted(ATTACHMENT_FILTERS))},
 )
 async def list_attachments_detail(
     request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep

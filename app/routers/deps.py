@@ -72,23 +72,24 @@ def _shown(text: str) -> str:
     return text.encode(errors="backslashreplace").decode().replace("\x00", "\\x00")
 
 
-def _find_unstorable(value: Any, where: str) -> str | None:
-    """The dotted path of the first string (key or value) that cannot be stored, if any."""
-    if isinstance(value, str):
-        return where if _unstorable(value) else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            inner = f"{where}.{_shown(key)}" if where else _shown(key)
-            if _unstorable(key):
-                return inner
-            found = _find_unstorable(item, inner)
-            if found is not None:
-                return found
-    if isinstance(value, list):
-        for item in value:
-            found = _find_unstorable(item, where)
-            if found is not None:
-                return found
+def _find_unstorable(body: Any) -> str | None:
+    """The dotted path of the first string (key or value) that cannot be stored, if any.
+
+    A loop, not recursion: a body may nest as deep as the JSON parser allows.
+    """
+    pending: list[tuple[Any, str]] = [(body, "")]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, str) and _unstorable(value):
+            return where
+        if isinstance(value, dict):
+            for key, item in value.items():
+                inner = f"{where}.{_shown(key)}" if where else _shown(key)
+                if _unstorable(key):
+                    return inner
+                pending.append((item, inner))
+        elif isinstance(value, list):
+            pending.extend((item, where) for item in value)
     return None
 
 
@@ -109,7 +110,7 @@ async def storable_input(request: Request) -> None:
         body = await request.json()
     except ValueError:
         return  # not JSON: the route's own validation says so
-    field = _find_unstorable(body, "")
+    field = _find_unstorable(body)
     if field is not None:
         raise InvalidInput(
             f"Invalid input for field/attribute {field or 'body'}: "

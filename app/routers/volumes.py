@@ -9,7 +9,7 @@ from app import microversions as mv
 from app.errors import InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, VersionDep, VolumesDep
-from app.routers.docs import faults, since
+from app.routers.docs import faults, list_query, since
 from app.schemas.requests import VolumeCreateRequest, VolumeUpdateRequest
 from app.schemas.responses import VolumeDetailList, VolumeEnvelope, VolumeList
 from app.services.listing import parse_bool, parse_list_params
@@ -89,7 +89,7 @@ async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: Volu
     summary="List volumes (summaries)",
     response_model=VolumeList,
     responses=faults(404),
-    openapi_extra=since(),
+    openapi_extra={**since(), **list_query(*sorted(VOLUME_FILTERS), count=True)},
 )
 async def list_volumes(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=False)
@@ -101,7 +101,7 @@ async def list_volumes(request: Request, ctx: CallerDep, version: VersionDep, sv
     summary="List volumes with details",
     response_model=VolumeDetailList,
     responses=faults(404),
-    openapi_extra=since(),
+    openapi_extra={**since(), **list_query(*sorted(VOLUME_FILTERS), count=True)},
 )
 async def list_volumes_detail(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
     return await _list(request, ctx, version, svc, detail=True)

@@ -3,8 +3,8 @@
 import importlib
 import shutil
 import subprocess
-import time
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
