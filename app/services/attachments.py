@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, case, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, case, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Context
@@ -105,14 +105,15 @@ def _has(volume_id: str, *statuses: str, other_than: str | None = None) -> Colum
     return exists().where(*clauses)
 
 
-async def recompute_volume(session: AsyncSession, volume_id: str) -> None:
-    """The volume's status follows its remaining attachments, in one UPDATE."""
+def _recompute_statement() -> Any:
+    """Built once: the volume's status from its remaining attachments, parameterised by volume and time."""
+    volume_id: Any = bindparam("volume_id")
     attached, attaching, anything = (
         _has(volume_id, AttachStatus.ATTACHED),
         _has(volume_id, AttachStatus.ATTACHING),
         _has(volume_id),
     )
-    await session.execute(
+    return (
         update(Volume)
         .where(Volume.id == volume_id, Volume.status.in_(ATTACH_DRIVEN))  # type: ignore[arg-type, attr-defined]
         .values(
@@ -128,9 +129,18 @@ async def recompute_volume(session: AsyncSession, volume_id: str) -> None:
                 (anything, AttachStatus.RESERVED.value),
                 else_=AttachStatus.DETACHED.value,
             ),
-            updated_at=utcnow(),
+            updated_at=bindparam("now"),
         )
     )
+
+
+# the attach path's hottest statement: building it per call cost more CPU than running it
+_RECOMPUTE = _recompute_statement()
+
+
+async def recompute_volume(session: AsyncSession, volume_id: str) -> None:
+    """The volume's status follows its remaining attachments, in one UPDATE."""
+    await session.execute(_RECOMPUTE, {"volume_id": volume_id, "now": utcnow()})
 
 
 async def connector_of(session: AsyncSession, attachment_id: str) -> dict[str, Any]:
