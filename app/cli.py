@@ -61,6 +61,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # a busy 2-core host can miss uvicorn's 5 s worker ping; a restarted worker drops its requests
+        timeout_worker_healthcheck=60,
     )
     return 0
 
@@ -103,6 +105,7 @@ def _reconcile(_args: argparse.Namespace) -> int:
     from app.backends.dispatch import Dispatcher
     from app.backends.factory import build_backends
     from app.db.engine import Database
+    from app.db.locks import AdvisoryLocks
     from app.secrets import SecretBox
     from app.services.reconcile import Reconciler
 
@@ -110,11 +113,14 @@ def _reconcile(_args: argparse.Namespace) -> int:
 
     async def go() -> int:
         db = Database(settings.database_url)
+        # the servers sharing this database may be running: take each volume's lock as they do
+        locks = None if db.is_sqlite or not settings.distributed_locks else AdvisoryLocks(settings.database_url)
+        dispatcher = Dispatcher(settings.backend_workers, locks)
         try:
-            report = await Reconciler(
-                db, Dispatcher(settings.backend_workers), build_backends(settings), SecretBox(settings.secret_key)
-            ).run()
+            report = await Reconciler(db, dispatcher, build_backends(settings), SecretBox(settings.secret_key)).run()
         finally:
+            if locks is not None:
+                await locks.close()
             await db.dispose()
         for name, value in vars(report).items():
             print(f"{name}: {len(value)}" + (f" {value}" if value else ""))

@@ -20,7 +20,8 @@ serve() {  # serve WORKERS [ENV=VALUE…]
     for _ in $(seq 1 100); do curl -fs $BASE/healthcheck >/dev/null 2>&1 && return; sleep 0.1; done
     echo "server did not start" >&2; cat /tmp/tether-bench.log >&2; exit 1
 }
-stop() { kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; }
+stop() { kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true; SERVER=; }
+trap '[ -n "${SERVER:-}" ] && stop' EXIT
 
 echo "## machine"; nproc; grep -m1 'model name' /proc/cpuinfo; free -g | head -2; uptime
 
