@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select, update
 
-from app.backends.base import BackendError, Backends, VolumeRef
-from app.backends.dispatch import Dispatcher
+from app.backends.base import BackendError, Backends, ExportState, VolumeRef
+from app.backends.dispatch import Dispatcher, Runner
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.secrets import SEALED, SecretBox
@@ -123,8 +123,13 @@ class Reconciler:
                 report.volumes_deleted.append(volume_id)
 
     async def _attachments(self, report: ReconcileReport) -> None:
-        """A connect that never recorded its connection_info did not finish: back to reserved."""
-        async with self.db.write() as session:
+        """A connect that never recorded its connection_info did not finish: back to reserved.
+
+        Another process may be in the middle of that very connect (a worker that starts while its siblings
+        serve, or `tether reconcile` on a live system): every connect holds the volume's lock from claim to
+        record, so under that lock an attachment still `attaching` without connection_info is abandoned.
+        """
+        async with self.db.read() as session:
             rows = (
                 await session.execute(
                     select(Attachment.id, Attachment.volume_id).where(
@@ -133,71 +138,112 @@ class Reconciler:
                     )
                 )
             ).all()
-            for attachment_id, volume_id in rows:
-                await session.execute(
+        for attachment_id, volume_id in rows:
+            async with self.dispatcher.exclusive(volume_id), self.db.write() as session:
+                # the volume's row first, as every transition takes it
+                await session.execute(select(Volume.id).where(Volume.id == volume_id).with_for_update())
+                undone = await session.execute(
                     update(Attachment)
-                    .where(Attachment.id == attachment_id)  # type: ignore[arg-type]
+                    .where(
+                        Attachment.id == attachment_id,  # type: ignore[arg-type]
+                        Attachment.attach_status == AttachStatus.ATTACHING,  # type: ignore[arg-type]
+                        Attachment.connection_info.is_(None),  # type: ignore[union-attr]
+                    )
                     .values(attach_status=AttachStatus.RESERVED, attach_time=None, updated_at=utcnow())
                 )
+                if undone.rowcount != 1:  # type: ignore[attr-defined]
+                    continue  # the connect finished (or was undone) while we waited for the lock
                 await recompute_volume(session, volume_id)
-                report.attachments_rolled_back.append(attachment_id)
+            report.attachments_rolled_back.append(attachment_id)
 
-    async def _target(self, report: ReconcileReport) -> None:
-        target = self.backends.target
+    async def _wanted(self, volume_id: str | None = None) -> dict[str, tuple[Volume, set[str]]]:
+        """Each volume with a connected attachment, and the initiators of those attachments."""
+        conditions = [
+            Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
+            AttachmentSpec.key == "initiator",
+        ]
+        if volume_id is not None:
+            conditions.append(Volume.id == volume_id)  # type: ignore[arg-type]
         async with self.db.read() as session:
             rows = (
                 await session.execute(
                     select(Volume, AttachmentSpec.value)
                     .join(Attachment, Attachment.volume_id == Volume.id)  # type: ignore[arg-type]
                     .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
-                    .where(
-                        Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
-                        AttachmentSpec.key == "initiator",
-                    )
+                    .where(*conditions)
                 )
             ).all()
         wanted: dict[str, tuple[Volume, set[str]]] = {}
         for volume, initiator in rows:
             wanted.setdefault(volume.id, (volume, set()))[1].add(json.loads(initiator))
+        return wanted
+
+    async def _target(self, report: ReconcileReport) -> None:
+        """Make each export match the database; only the volumes that differ are touched.
+
+        The first look (database, then target) is taken without locks, so other processes may change a
+        volume right after it: each volume that differs is looked at again under its lock before anything
+        is changed, and a volume that another process has just exported or detached is left alone.
+        """
+        target = self.backends.target
+        wanted = await self._wanted()
         try:
             actual = await self.dispatcher.run("__target__", target.exports)
         except BackendError as error:
             log.error("reconcile: reading the target's exports failed: %s", error)
             report.errors.append("exports")
             return
-        for volume_id, (volume, initiators) in wanted.items():
-            ref = VolumeRef(id=volume.id, size_gb=volume.size)
-            have = actual.get(volume_id)
-            chap = chap_of(volume, self.secrets)
+        differ = [v for v in sorted(wanted.keys() | actual.keys()) if _differs(wanted.get(v), actual.get(v))]
+        for volume_id in differ:
             try:
                 async with self.dispatcher.exclusive(volume_id) as run:
-                    # an export missing, or left half-made by a crash, is (re)made before any ACL opens it
-                    if (have is None or not have.complete) and chap is not None:
-                        await run(target.create_export, ref, self.backends.volumes.path(ref), chap)
-                        report.exports_restored.append(volume_id)
-                    elif chap is None:
-                        report.errors.append(f"export {volume_id}: no CHAP credentials recorded")
-                        continue
-                    # iSCSI names compare case-insensitively (LIO keeps them in lower case)
-                    present = {i.lower(): i for i in (have.initiators if have else ())}
-                    expected = {i.lower(): i for i in initiators}
-                    for key in sorted(expected.keys() - present.keys()):
-                        await run(target.add_initiator, ref, expected[key])
-                        report.acls_added.append((volume_id, expected[key]))
-                    for key in sorted(present.keys() - expected.keys()):
-                        await run(target.remove_initiator, ref, present[key])
-                        report.acls_removed.append((volume_id, present[key]))
+                    want = (await self._wanted(volume_id)).get(volume_id)
+                    have = (await run(target.exports)).get(volume_id)
+                    if want is not None:
+                        await self._restore(run, want, have, report)
+                    elif have is not None:
+                        await self._remove(run, have, report)
             except BackendError as error:
-                log.error("reconcile: restoring the export of volume %s failed: %s", volume_id, error)
+                log.error("reconcile: making the export of volume %s match failed: %s", volume_id, error)
                 report.errors.append(f"export {volume_id}")
-        for volume_id in sorted(set(actual) - set(wanted)):
-            ref = VolumeRef(id=volume_id, size_gb=0)
-            try:
-                async with self.dispatcher.exclusive(volume_id) as run:
-                    for initiator in sorted(actual[volume_id].initiators):
-                        await run(target.remove_initiator, ref, initiator)
-                    await run(target.remove_export, ref)
-                report.exports_removed.append(volume_id)
-            except BackendError as error:
-                log.error("reconcile: removing the orphan export of volume %s failed: %s", volume_id, error)
-                report.errors.append(f"orphan {volume_id}")
+
+    async def _restore(
+        self, run: Runner, want: tuple[Volume, set[str]], have: ExportState | None, report: ReconcileReport
+    ) -> None:
+        target = self.backends.target
+        volume, initiators = want
+        ref = VolumeRef(id=volume.id, size_gb=volume.size)
+        chap = chap_of(volume, self.secrets)
+        if chap is None:
+            report.errors.append(f"export {volume.id}: no CHAP credentials recorded")
+            return
+        # an export missing, or left half-made by a crash, is (re)made before any ACL opens it
+        if have is None or not have.complete:
+            await run(target.create_export, ref, self.backends.volumes.path(ref), chap)
+            report.exports_restored.append(volume.id)
+        present = {i.lower(): i for i in (have.initiators if have else ())}
+        expected = {i.lower(): i for i in initiators}
+        for key in sorted(expected.keys() - present.keys()):
+            await run(target.add_initiator, ref, expected[key])
+            report.acls_added.append((volume.id, expected[key]))
+        for key in sorted(present.keys() - expected.keys()):
+            await run(target.remove_initiator, ref, present[key])
+            report.acls_removed.append((volume.id, present[key]))
+
+    async def _remove(self, run: Runner, have: ExportState, report: ReconcileReport) -> None:
+        """An export no connected attachment wants: its ACLs go first, then the export."""
+        ref = VolumeRef(id=have.volume_id, size_gb=0)
+        for initiator in sorted(have.initiators):
+            await run(self.backends.target.remove_initiator, ref, initiator)
+        await run(self.backends.target.remove_export, ref)
+        report.exports_removed.append(have.volume_id)
+
+
+def _differs(want: tuple[Volume, set[str]] | None, have: ExportState | None) -> bool:
+    """Whether a volume's export differs from what the database wants (iSCSI names compare case-insensitively:
+    LIO keeps them in lower case)."""
+    if want is None:
+        return have is not None
+    if have is None or not have.complete:
+        return True
+    return {i.lower() for i in want[1]} != {i.lower() for i in have.initiators}
