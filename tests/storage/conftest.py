@@ -10,25 +10,19 @@ import pytest
 
 from app.backends.targets.tgt import TgtTarget
 from app.backends.volumes.file import FileVolumeStore
+from tests.conftest import missing
 from tests.storage.tgtd import IQN_PREFIX, TgtDaemon
 
 ISCSI_TOOLS = ("tgtd", "tgtadm", "iscsi-readcapacity16")
 
 
-def _unavailable(reason: str) -> None:
-    # on CI a missing tool is a broken image, not a reason to go green without testing anything
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TgtDaemon]:
-    missing = [tool for tool in ISCSI_TOOLS if shutil.which(tool) is None]
-    if missing:
-        _unavailable(f"needs {', '.join(missing)} (Debian packages tgt, libiscsi-bin)")
+    absent = [tool for tool in ISCSI_TOOLS if shutil.which(tool) is None]
+    if absent:
+        missing(f"needs {', '.join(absent)} (Debian packages tgt, libiscsi-bin)")
     if os.geteuid() != 0:
-        _unavailable("tgtd needs root")
+        missing("tgtd needs root")
     daemon = TgtDaemon(log_dir=tmp_path_factory.mktemp("tgtd"))
     daemon.start()
     try:
