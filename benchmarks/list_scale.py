@@ -37,8 +37,17 @@ async def seed(db: str, project: str, attachments: int, per_volume: int = 10) ->
                 (v, project, "bench", 1, "in-use", "attached", "nova", type_id, True, False, now) for v in volumes
             ],
             columns=[
-                "id", "project_id", "user_id", "size", "status", "attach_status", "availability_zone",
-                "volume_type_id", "multiattach", "bootable", "created_at",
+                "id",
+                "project_id",
+                "user_id",
+                "size",
+                "status",
+                "attach_status",
+                "availability_zone",
+                "volume_type_id",
+                "multiattach",
+                "bootable",
+                "created_at",
             ],
         )
         rows = []

@@ -59,7 +59,9 @@ async def main(db: str, clients: int, per_client: int, profile: bool) -> None:
         if profiler:
             profiler.start()
         started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(cycles(client, project, v["volume"]["id"], per_client, i) for i, v in enumerate(volumes)))
+        await asyncio.gather(
+            *(cycles(client, project, v["volume"]["id"], per_client, i) for i, v in enumerate(volumes))
+        )
         elapsed, cpu_used = time.perf_counter() - started, time.process_time() - cpu
         if profiler:
             profiler.stop()

@@ -13,9 +13,7 @@ from app.main import create_app
 SPEC_FILE = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 SPEC: dict[str, Any] = json.loads(SPEC_FILE.read_text())
 OPERATIONS = [
-    (path, method, operation)
-    for path, operations in SPEC["paths"].items()
-    for method, operation in operations.items()
+    (path, method, operation) for path, operations in SPEC["paths"].items() for method, operation in operations.items()
 ]
 API_OPERATIONS = [op for op in OPERATIONS if op[0].startswith("/v3/{project_id}")]
 

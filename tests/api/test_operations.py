@@ -48,9 +48,7 @@ def settings_overrides() -> dict[str, Any]:
     return {"log_json": True, "log_level": "DEBUG"}
 
 
-async def test_json_logs_carry_ids_and_never_the_chap_secret(
-    api: Api, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_json_logs_carry_ids_and_never_the_chap_secret(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     volume = await api.create_volume()
     api.app.state.backends.target.faults.fail("add_initiator")
     connector = {"initiator": "iqn.1993-08.org.debian:01:logs", "host": "h1"}
