@@ -24,7 +24,7 @@ from app.errors import TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
-from app.routers import attachments, operations, types, versions, volume_actions, volumes
+from app.routers import attachments, operations, scheduler_stats, types, versions, volume_actions, volumes
 from app.routers.deps import project_path, storable_input, version_header
 from app.secrets import SecretBox
 from app.services.attachments import AttachmentService
@@ -96,7 +96,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 def _api_router() -> APIRouter:
     api = APIRouter(dependencies=[Depends(version_header), Depends(storable_input)])
-    for module in (volumes, volume_actions, types, attachments):
+    for module in (volumes, volume_actions, types, attachments, scheduler_stats):
         api.include_router(module.router)
     return api
 

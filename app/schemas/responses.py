@@ -179,6 +179,15 @@ class LegacyConnectionEnvelope(BaseModel):
     connection_info: LegacyConnectionInfo
 
 
+class Pool(BaseModel):
+    name: str
+    capabilities: dict[str, Any] | None = Field(default=None, description="With detail=true.")
+
+
+class PoolList(BaseModel):
+    pools: list[Pool]
+
+
 class VersionView(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
-from app.backends.base import BackendError, Backends
+from app.backends.base import BackendError, Backends, Capacity
 from app.backends.dispatch import Dispatcher
 from app.db.engine import Database
 from app.db.models import Attachment, Volume
+from app.errors import BackendFailure
+
+log = logging.getLogger("tether.status")
 
 
 @dataclass
@@ -31,6 +35,14 @@ async def counts(db: Database) -> tuple[dict[str, int], dict[str, int]]:
             select(Attachment.attach_status, func.count()).group_by(Attachment.attach_status)
         )
         return {s: n for s, n in volumes.all()}, {s: n for s, n in attachments.all()}
+
+
+async def capacity(dispatcher: Dispatcher, backends: Backends) -> Capacity:
+    try:
+        return await dispatcher.run("__capacity__", backends.volumes.capacity)
+    except BackendError as error:
+        log.error("reading the volume store's capacity failed: %s", error)
+        raise BackendFailure("Unable to read the storage backend's capacity.") from None
 
 
 async def status(db: Database, dispatcher: Dispatcher, backends: Backends) -> StatusReport:
