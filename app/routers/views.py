@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi.responses import JSONResponse
 
@@ -122,8 +123,6 @@ def attachment_detail(record: AttachmentRecord) -> dict[str, Any]:
 
 
 def next_link(base: str, path: str, query: dict[str, str], marker: str) -> dict[str, str]:
-    from urllib.parse import urlencode
-
     params = {k: v for k, v in query.items() if k not in ("marker", "offset")}
     params["marker"] = marker
     return {"href": f"{base}{path}?{urlencode(params)}", "rel": "next"}

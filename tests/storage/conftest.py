@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -16,19 +18,26 @@ from tests.storage.tgtd import IQN_PREFIX, TgtDaemon
 ISCSI_TOOLS = ("tgtd", "tgtadm", "iscsi-readcapacity16")
 
 
-@pytest.fixture(scope="session")
-def tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TgtDaemon]:
+@contextmanager
+def private_tgtd(log_dir: Path) -> Iterator[TgtDaemon]:
+    """A started private tgtd, stopped on exit; missing tools or no root fail in CI and skip elsewhere."""
     absent = [tool for tool in ISCSI_TOOLS if shutil.which(tool) is None]
     if absent:
         missing(f"needs {', '.join(absent)} (Debian packages tgt, libiscsi-bin)")
     if os.geteuid() != 0:
         missing("tgtd needs root")
-    daemon = TgtDaemon(log_dir=tmp_path_factory.mktemp("tgtd"))
+    daemon = TgtDaemon(log_dir=log_dir)
     daemon.start()
     try:
         yield daemon
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TgtDaemon]:
+    with private_tgtd(tmp_path_factory.mktemp("tgtd")) as daemon:
+        yield daemon
 
 
 @pytest.fixture

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import missing
-from tests.storage.conftest import ISCSI_TOOLS
+from tests.storage.conftest import private_tgtd
 from tests.storage.tgtd import TgtDaemon
 from tests.stress.harness import PgDatabase, create_database, drop_database
 
 
 @pytest.fixture(scope="session")
 def stress_tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TgtDaemon]:
-    absent = [tool for tool in ISCSI_TOOLS if shutil.which(tool) is None]
-    if absent:
-        missing(f"needs {', '.join(absent)} (Debian packages tgt, libiscsi-bin)")
-    if os.geteuid() != 0:
-        missing("tgtd needs root")
-    daemon = TgtDaemon(log_dir=tmp_path_factory.mktemp("tgtd-stress"))
-    daemon.start()
-    try:
+    with private_tgtd(tmp_path_factory.mktemp("tgtd-stress")) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture
