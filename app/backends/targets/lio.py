@@ -292,13 +292,7 @@ class LioTarget:
 
     def _grant(self, acl: Any, lun: Any, chap: Chap) -> bool:
         """Give `acl` the volume's CHAP and then LUN 0; say whether anything changed."""
-        changed = False
-        if acl.chap_userid != chap.username:
-            acl.chap_userid = chap.username
-            changed = True
-        if acl.chap_password != chap.secret:
-            acl.chap_password = chap.secret
-            changed = True
+        changed = _set_chap(acl, chap)
         if self._maybe(lambda: self._rts.MappedLUN(acl, LUN)) is None:
             self._rts.MappedLUN(acl, LUN, lun)
             changed = True
@@ -335,12 +329,17 @@ def _record_chap(tpg: Any, chap: Chap) -> bool:
     """Keep the volume's CHAP on the TPG for add_initiator; False also when the kernel has no TPG auth."""
     if tpg.chap_userid is None:
         return False  # rtslib's answer when tpgt_1/auth is missing: the NodeACLs are the only record
+    return _set_chap(tpg, chap)
+
+
+def _set_chap(node: Any, chap: Chap) -> bool:
+    """Give an rtslib NodeACL or TPG the volume's CHAP user and secret; say whether anything changed."""
     changed = False
-    if tpg.chap_userid != chap.username:
-        tpg.chap_userid = chap.username
+    if node.chap_userid != chap.username:
+        node.chap_userid = chap.username
         changed = True
-    if tpg.chap_password != chap.secret:
-        tpg.chap_password = chap.secret
+    if node.chap_password != chap.secret:
+        node.chap_password = chap.secret
         changed = True
     return changed
 

@@ -103,6 +103,10 @@ def parse_targets(text: str) -> list[TgtTargetView]:
     return targets
 
 
+def _named(targets: Sequence[TgtTargetView], iqn: str) -> TgtTargetView | None:
+    return next((t for t in targets if t.iqn == iqn), None)
+
+
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -138,14 +142,14 @@ class TgtTarget:
         iqn = self.iqn(volume)
         # a new target has an empty ACL, which tgtd treats as "nobody", so it stays closed until the
         # CHAP account below is bound and add_initiator opens it
-        target = self._ensure_target(iqn)
+        target, listing = self._ensure_target(iqn)
         current = target.luns.get(LUN)
         if current != path:
             if current is not None:
                 log.warning("%s: LUN %d is backed by %s, re-pointing it at %s", iqn, LUN, current, path)
                 self._tgtadm("delete", "logicalunit", "--lun", str(LUN), tid=target.tid, ok=(_NO_LUN,))
             self._tgtadm("new", "logicalunit", "--lun", str(LUN), "-b", path, tid=target.tid, ok=(_LUN_EXISTS,))
-        self._ensure_account(target, chap)
+        self._ensure_account(target, chap, listing)
         return ExportInfo(
             target_iqn=iqn,
             target_portal=self.portal,
@@ -175,12 +179,15 @@ class TgtTarget:
         log.info("removed %s from %s", initiator, volume.name)
 
     def remove_export(self, volume: VolumeRef) -> None:
-        target = self._find(self.iqn(volume))
+        listing = self._targets()
+        target = _named(listing, self.iqn(volume))
         if target is None:
             return
         # the target goes first: its accounts then die unbound, and nothing is ever open without CHAP
         self._tgtadm("delete", "target", "--force", tid=target.tid, ok=(_NO_TARGET,))
-        self._drop_unbound_accounts(target.accounts)
+        # the listing from before the delete says which other targets use its accounts (each volume has
+        # its own account, and only this volume's operations, which are serialised, change it)
+        self._drop_unbound_accounts(target.accounts, target, listing)
         log.info("removed the export of %s (tid %d)", volume.name, target.tid)
 
     def exports(self) -> dict[str, ExportState]:
@@ -237,29 +244,30 @@ class TgtTarget:
         return parse_targets(self._tgtadm("show", "target").stdout)
 
     def _find(self, iqn: str) -> TgtTargetView | None:
-        return next((t for t in self._targets() if t.iqn == iqn), None)
+        return _named(self._targets(), iqn)
 
     def _accounts(self) -> set[str]:
         out = self._tgtadm("show", "account").stdout
         # "Account list:" then one user per indented line
         return {line.strip() for line in out.splitlines() if line.startswith((" ", "\t")) and line.strip()}
 
-    def _ensure_target(self, iqn: str) -> TgtTargetView:
+    def _ensure_target(self, iqn: str) -> tuple[TgtTargetView, list[TgtTargetView]]:
+        """The volume's target, created if missing, and the listing of the others it was found in."""
         with self._create_lock:
             # a refused tid means another tgtadm user took it between our read and our create
             for _ in range(5):
                 targets = self._targets()
-                for target in targets:
-                    if target.iqn == iqn:
-                        return target
+                found = _named(targets, iqn)
+                if found is not None:
+                    return found, targets
                 used = {t.tid for t in targets}
                 tid = next(n for n in range(1, len(used) + 2) if n not in used)
                 if self._tgtadm("new", "target", "-T", iqn, tid=tid, ok=(_TARGET_EXISTS,)).returncode == 0:
                     log.info("created target %s (tid %d)", iqn, tid)
-                    return TgtTargetView(tid=tid, iqn=iqn)
+                    return TgtTargetView(tid=tid, iqn=iqn), targets
         raise BackendError(f"could not find a free target id for {iqn}")
 
-    def _ensure_account(self, target: TgtTargetView, chap: Chap) -> None:
+    def _ensure_account(self, target: TgtTargetView, chap: Chap, listing: list[TgtTargetView]) -> None:
         """Make `chap` the one account bound to the target, with its secret, and leave the target ready."""
         with self._keys_lock:
             known = self._keys.get(chap.username) == _digest(chap.secret)
@@ -267,14 +275,14 @@ class TgtTarget:
             if target.state != READY:
                 self._set_state(target.tid, READY)  # left offline by a failed call
             return
-        self._rebind_account(target, chap)
+        self._rebind_account(target, chap, listing)
         with self._keys_lock:
             self._keys[chap.username] = _digest(chap.secret)
 
-    def _rebind_account(self, target: TgtTargetView, chap: Chap) -> None:
+    def _rebind_account(self, target: TgtTargetView, chap: Chap, listing: list[TgtTargetView]) -> None:
+        """`listing`: the targets as create_export just read them (the account is this volume's alone)."""
         user = chap.username
-        targets = self._targets()
-        shared = sorted(t.tid for t in targets if t.tid != target.tid and user in t.accounts)
+        shared = sorted(t.tid for t in listing if t.tid != target.tid and user in t.accounts)
         if shared:
             # deleting it would punch a hole in those targets' account arrays (see the module docstring)
             raise BackendError(f"CHAP user {user} is also bound to tid {shared}; refusing to change it")
@@ -289,7 +297,7 @@ class TgtTarget:
             self._tgtadm("delete", "account", "--user", user, ok=(_NO_ACCOUNT,))
         self._tgtadm("new", "account", "--user", user, "--password", chap.secret, secrets=[chap.secret])
         self._tgtadm("bind", "account", "--user", user, tid=target.tid, ok=(_ACCOUNT_EXISTS,))
-        self._drop_unbound_accounts([a for a in target.accounts if a != user])
+        self._drop_unbound_accounts([a for a in target.accounts if a != user], target, listing)
         if close or target.state != READY:
             self._set_state(target.tid, READY)
         log.info("set CHAP account %s on tid %d", user, target.tid)
@@ -297,11 +305,13 @@ class TgtTarget:
     def _set_state(self, tid: int, state: str) -> None:
         self._tgtadm("update", "target", "--name", "state", "--value", state, tid=tid)
 
-    def _drop_unbound_accounts(self, users: Sequence[str]) -> None:
-        """Delete accounts that no target uses any more; one still bound elsewhere is left alone."""
+    def _drop_unbound_accounts(
+        self, users: Sequence[str], target: TgtTargetView, listing: Sequence[TgtTargetView]
+    ) -> None:
+        """Delete accounts that no target of `listing` but `target` uses; one bound elsewhere is left alone."""
         if not users:
             return
-        still_bound = {a for t in self._targets() for a in t.accounts}
+        still_bound = {a for t in listing if t.tid != target.tid for a in t.accounts}
         for user in sorted(set(users) - still_bound):
             self._tgtadm("delete", "account", "--user", user, ok=(_NO_ACCOUNT,))
             with self._keys_lock:
