@@ -13,6 +13,8 @@ class Settings(BaseSettings):
 
     database_url: str = "sqlite+aiosqlite:///./var/tether.db"
     database_pool_size: int = Field(default=10, ge=1)
+    # write transactions in flight per process; a burst of state changes queues for a slot (reads never do)
+    write_concurrency: int = Field(default=2, ge=1, le=1000)
     volume_backend: Literal["fake", "file", "lvm"] = "fake"
     target: Literal["fake", "tgt", "lio"] = "fake"
     backend_workers: int = Field(default=4, ge=1, le=256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 # How the next SQLite transaction begins: writers take the write lock up front (BEGIN IMMEDIATE)
 # so two writers never deadlock upgrading a shared lock; readers stay deferred and run under WAL.
 _sqlite_begin: contextvars.ContextVar[str] = contextvars.ContextVar("sqlite_begin", default="DEFERRED")
+# set while a task is inside a write transaction, so a nested one does not wait for an admission slot
+_writing: contextvars.ContextVar[bool] = contextvars.ContextVar("writing", default=False)
 
 
 def _ensure_sqlite_dir(url: str) -> None:
@@ -50,7 +53,7 @@ def build_engine(url: str, pool_size: int = 10) -> AsyncEngine:
 class Database:
     """Owns the engine; services open one short transaction per state change."""
 
-    def __init__(self, url: str, pool_size: int = 10) -> None:
+    def __init__(self, url: str, pool_size: int = 10, write_concurrency: int = 2) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.engine = build_engine(url, pool_size)
@@ -58,16 +61,45 @@ class Database:
         # PostgreSQL reads run in autocommit: no BEGIN/COMMIT round trips; each statement sees committed data
         reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._readers = async_sessionmaker(reader, expire_on_commit=False, autoflush=False)
+        # Admission for write transactions: a burst of state changes queues here, holding nothing, instead of
+        # interleaving dozens of transactions on the event loop, which is what made concurrent reads slow.
+        # Reads are never held back. A task waits here before BEGIN, so it holds no row lock while it waits.
+        self._admission = asyncio.Semaphore(write_concurrency)
+
+    @asynccontextmanager
+    async def _admitted(self) -> AsyncIterator[None]:
+        """A write slot for the calling task; a write nested in one of its own does not queue for another."""
+        if _writing.get():
+            yield
+            return
+        async with self._admission:
+            writing = _writing.set(True)
+            try:
+                yield
+            finally:
+                _writing.reset(writing)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A transaction that commits on success and rolls back on any error."""
-        token = _sqlite_begin.set("IMMEDIATE")
-        try:
-            async with self._sessions() as session, session.begin():
+        async with self._admitted():
+            token = _sqlite_begin.set("IMMEDIATE")
+            try:
+                async with self._sessions() as session, session.begin():
+                    yield session
+            finally:
+                _sqlite_begin.reset(token)
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncSession]:
+        """Writes whose statements each stand alone: on PostgreSQL each commits by itself, which saves the
+        BEGIN and COMMIT round trips of a one-statement transaction; on SQLite a write transaction."""
+        if self.is_sqlite:
+            async with self.write() as session:
                 yield session
-        finally:
-            _sqlite_begin.reset(token)
+            return
+        async with self._admitted(), self._readers() as session, session.begin():
+            yield session
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
