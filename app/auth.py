@@ -16,6 +16,10 @@ class Context:
     project_id: str
     is_admin: bool = False
 
+    def sees(self, project_id: str) -> bool:
+        """Whether what belongs to `project_id` exists for this caller: its own project's, or anything for an admin."""
+        return self.is_admin or project_id == self.project_id
+
 
 def context_from_headers(
     headers: Mapping[str, str], admin_users: frozenset[str], path_project: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.backends.base import Backends
@@ -94,11 +96,30 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+# routing tries routes in this order: attachments, the busiest resource (Nova, bare-metal provisioners), first
+_RESOURCE_MODULES = (attachments, volumes, volume_actions, types, scheduler_stats)
+
+
 def _api_router() -> APIRouter:
     api = APIRouter(dependencies=[Depends(version_header), Depends(storable_input)])
-    for module in (volumes, volume_actions, types, attachments, scheduler_stats):
+    for module in _RESOURCE_MODULES:
         api.include_router(module.router)
     return api
+
+
+_RESOURCES = sorted({route.path.split("/")[1] for module in _RESOURCE_MODULES for route in module.router.routes})
+
+
+class _ProjectSegment(Convertor[str]):
+    """A project id in a URL: any segment but a resource name, so `/v3/volumes/...` is never a project's URL."""
+
+    regex = "(?!(?:" + "|".join(re.escape(name) for name in _RESOURCES) + ")(?:/|$))[^/]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -107,7 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.database_url, settings.database_pool_size)
+        db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
         backends: Backends = build_backends(settings)
         locks = None if db.is_sqlite or not settings.distributed_locks else AdvisoryLocks(settings.database_url)
         dispatcher = Dispatcher(settings.backend_workers, locks)
@@ -153,7 +174,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(versions.router)
     app.include_router(operations.router)
     api = _api_router()
-    # /v3/<resource> first, so a resource name is never taken for a project id
+    # a resource name is never taken for a project id (the segment's convertor refuses them), so the project
+    # URLs, which nearly every client uses, are matched first: routing walks the routes in order
+    register_url_convertor("project", _ProjectSegment())
+    app.include_router(api, prefix="/v3/{project_id:project}", dependencies=[Depends(project_path)])
     app.include_router(api, prefix="/v3", include_in_schema=False)
-    app.include_router(api, prefix="/v3/{project_id}", dependencies=[Depends(project_path)])
     return app

@@ -9,15 +9,31 @@ client cannot strand a row half-way.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
 import string
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, bindparam, case, delete, exists, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Context
@@ -56,6 +72,13 @@ ATTACH_DRIVEN = (
 ATTACHMENT_FILTERS = frozenset({"volume_id", "status", "instance_id"})
 ATTACHMENT_SORT_KEYS = frozenset({"id", "created_at", "updated_at", "status", "volume_id", "instance_id"})
 _CHAP_ALPHABET = string.ascii_letters + string.digits
+_OWNERS_KEPT = 100_000
+# The attach path's statements are built once, on the tables (Core): building a statement per call, and the
+# ORM's bulk-update bookkeeping (synchronising the session with each UPDATE), cost more CPU than running it.
+_A: Any = Attachment.__table__  # type: ignore[attr-defined]
+_V: Any = Volume.__table__  # type: ignore[attr-defined]
+_S: Any = AttachmentSpec.__table__  # type: ignore[attr-defined]
+ATTACHMENT_COLUMNS: tuple[str, ...] = tuple(_A.c.keys())
 
 
 @dataclass
@@ -96,17 +119,23 @@ def provider_auth(chap: Chap, box: SecretBox) -> str:
     return f"CHAP {chap.username} {box.seal(chap.secret)}"
 
 
-def _has(volume_id: str, *statuses: str, other_than: str | None = None) -> ColumnElement[bool]:
-    clauses: list[ColumnElement[bool]] = [Attachment.volume_id == volume_id]  # type: ignore[list-item]
+def _one_of(column: Any, values: tuple[str, ...]) -> ColumnElement[bool]:
+    """`column IN (values)` as plain equalities: an IN list is re-rendered on every execution (post-compile)."""
+    return or_(*(column == value for value in values))
+
+
+def _has(volume_id: Any, *statuses: str, other_than: Any = None) -> ColumnElement[bool]:
+    """EXISTS an attachment of the volume (in one of `statuses`; not `other_than`); values or bindparams."""
+    clauses: list[ColumnElement[bool]] = [_A.c.volume_id == volume_id]
     if statuses:
-        clauses.append(Attachment.attach_status.in_(statuses))  # type: ignore[attr-defined]
+        clauses.append(_one_of(_A.c.attach_status, statuses))
     if other_than is not None:
-        clauses.append(Attachment.id != other_than)  # type: ignore[arg-type]
+        clauses.append(_A.c.id != other_than)
     return exists().where(*clauses)
 
 
 def _recompute_statement() -> Any:
-    """Built once: the volume's status from its remaining attachments, parameterised by volume and time."""
+    """The volume's status from its remaining attachments, parameterised by volume and time."""
     volume_id: Any = bindparam("volume_id")
     attached, attaching, anything = (
         _has(volume_id, AttachStatus.ATTACHED),
@@ -114,8 +143,8 @@ def _recompute_statement() -> Any:
         _has(volume_id),
     )
     return (
-        update(Volume)
-        .where(Volume.id == volume_id, Volume.status.in_(ATTACH_DRIVEN))  # type: ignore[arg-type, attr-defined]
+        update(_V)
+        .where(_V.c.id == volume_id, _one_of(_V.c.status, ATTACH_DRIVEN))
         .values(
             status=case(
                 (attached, VolumeStatus.IN_USE.value),
@@ -134,8 +163,100 @@ def _recompute_statement() -> Any:
     )
 
 
-# the attach path's hottest statement: building it per call cost more CPU than running it
 _RECOMPUTE = _recompute_statement()
+
+
+@functools.cache
+def _claim_volume(*, legacy: bool, scoped: bool) -> Any:
+    """The reservation: load the volume and compare-and-swap its status in one statement (RETURNING the row).
+
+    A multiattach volume may be reserved while in use (and, on the new face, while reserved); any other only
+    when available. `scoped`: only the caller's project's volume (everyone but admins).
+    """
+    multiattach: tuple[str, ...] = (VolumeStatus.AVAILABLE, VolumeStatus.IN_USE)
+    if not legacy:
+        multiattach += (VolumeStatus.RESERVED,)
+    conditions = [
+        _V.c.id == bindparam("volume_id"),
+        or_(
+            and_(_V.c.multiattach == true(), _one_of(_V.c.status, multiattach)),
+            and_(_V.c.multiattach == false(), _V.c.status == VolumeStatus.AVAILABLE.value),
+        ),
+    ]
+    if scoped:
+        conditions.append(_V.c.project_id == bindparam("caller_project"))
+    claim = (
+        update(_V)
+        .where(*conditions)
+        .values(status=bindparam("to_status"), attach_status=bindparam("to_attach_status"), updated_at=bindparam("now"))
+        .returning(*_V.c)
+    )
+    return select(Volume).from_statement(claim)
+
+
+_INSERT_ATTACHMENT = insert(_A)
+# another connected attachment of the volume than this one
+_BUSY = select(_has(bindparam("volume_id"), *CONNECTED, other_than=bindparam("attachment_id")))
+_CLAIM_CONNECT = (
+    update(_A)
+    .where(_A.c.id == bindparam("attachment_id"), _one_of(_A.c.attach_status, CONNECTABLE))
+    .values(
+        attach_status=case(
+            (_A.c.attach_status == AttachStatus.ATTACHED, AttachStatus.ATTACHED.value),
+            else_=AttachStatus.ATTACHING.value,
+        ),
+        attach_time=bindparam("now"),
+        attached_host=bindparam("host"),
+        attach_mode=bindparam("mode"),
+        updated_at=bindparam("now"),
+    )
+)
+_SET_PROVIDER_AUTH = update(_V).where(_V.c.id == bindparam("volume_id")).values(provider_auth=bindparam("auth"))
+_SET_PROVIDER_LOCATION = (
+    update(_V).where(_V.c.id == bindparam("volume_id")).values(provider_location=bindparam("location"))
+)
+_RECORD_CONNECTION = (
+    update(_A).where(_A.c.id == bindparam("attachment_id")).values(connection_info=bindparam("info")).returning(*_A.c)
+)
+_DELETE_SPECS = delete(_S).where(_S.c.attachment_id == bindparam("attachment_id"))
+_INSERT_SPECS = insert(_S)
+# os-complete: the attachment's volume row, locked first (the order every transition takes them in)
+_LOCK_VOLUME_OF = (
+    select(_A.c.volume_id, _A.c.project_id)
+    .select_from(_A.join(_V, _V.c.id == _A.c.volume_id))
+    .where(_A.c.id == bindparam("attachment_id"))
+    .with_for_update(of=_V)
+)
+_COMPLETE = (
+    update(_A)
+    .where(_A.c.id == bindparam("attachment_id"), _one_of(_A.c.attach_status, CONNECTED))
+    .values(attach_status=AttachStatus.ATTACHED.value, updated_at=bindparam("now"))
+)
+_STATUS_OF = select(_A.c.attach_status).where(_A.c.id == bindparam("attachment_id"))
+_VOLUME_OF = select(_A.c.volume_id, _A.c.project_id).where(_A.c.id == bindparam("attachment_id"))
+# every attachment of a volume with its initiator: what else uses an ACL and the export
+_INITIATORS = (
+    select(_A.c.id, _A.c.project_id, _A.c.attach_status, _S.c.value)
+    .select_from(_A.outerjoin(_S, and_(_S.c.attachment_id == _A.c.id, _S.c.key == "initiator")))
+    .where(_A.c.volume_id == bindparam("volume_id"))
+)
+_LOCK_VOLUME = select(_V.c.id).where(_V.c.id == bindparam("volume_id")).with_for_update()
+_DELETE_ATTACHMENT = delete(_A).where(_A.c.id == bindparam("attachment_id"))
+_ATTACHMENT_BY_ID = select(Attachment).where(Attachment.id == bindparam("attachment_id"))  # type: ignore[arg-type]
+_ATTACHMENTS_OF = (
+    select(Attachment).where(Attachment.volume_id == bindparam("volume_id")).order_by(Attachment.created_at)  # type: ignore[arg-type]
+)
+
+
+def _columns(attachment: Attachment) -> dict[str, Any]:
+    return {key: getattr(attachment, key) for key in ATTACHMENT_COLUMNS}
+
+
+def _refresh(attachment: Attachment, row: Any) -> Attachment:
+    """Copy a RETURNING row of every column onto the (detached or new) object the caller holds."""
+    for key, value in zip(ATTACHMENT_COLUMNS, row, strict=True):
+        setattr(attachment, key, value)
+    return attachment
 
 
 async def recompute_volume(session: AsyncSession, volume_id: str) -> None:
@@ -155,12 +276,10 @@ async def store_connector(
 ) -> None:
     """One row per connector key; `fresh`: the attachment was created in this transaction and has none yet."""
     if not fresh:
-        await session.execute(delete(AttachmentSpec).where(AttachmentSpec.attachment_id == attachment_id))  # type: ignore[arg-type]
-    session.add_all(
-        AttachmentSpec(attachment_id=attachment_id, key=str(key), value=json.dumps(value))
-        for key, value in connector.items()
-    )
-    await session.flush()
+        await session.execute(_DELETE_SPECS, {"attachment_id": attachment_id})
+    rows = [{"attachment_id": attachment_id, "key": str(k), "value": json.dumps(v)} for k, v in connector.items()]
+    if rows:
+        await session.execute(_INSERT_SPECS, rows)
 
 
 async def sharing(session: AsyncSession, volume_id: str, initiator: str, other_than: str) -> list[str]:
@@ -243,12 +362,35 @@ class AttachmentService:
         self.dispatcher = dispatcher
         self.backends = backends
         self.secrets = secrets or SecretBox(None)
+        # attachment id -> (volume id, project id): both are fixed for an attachment's life, so the volume whose
+        # lock a delete or an update needs is known without a query; a stale entry (deleted elsewhere) only
+        # leads to the locked re-read finding nothing, which is the 404 it would have been anyway
+        self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def _remember(self, attachment_id: str, volume_id: str, project_id: str) -> None:
+        self._owners[attachment_id] = (volume_id, project_id)
+        if len(self._owners) > _OWNERS_KEPT:
+            self._owners.popitem(last=False)
+
+    async def _volume_of(self, ctx: Context, attachment_id: str) -> str:
+        """The attachment's volume id (404 for a missing attachment or another project's)."""
+        owner = self._owners.get(attachment_id)
+        if owner is None:
+            async with self.db.read() as session:
+                row = (await session.execute(_VOLUME_OF, {"attachment_id": attachment_id})).first()
+            if row is None:
+                raise AttachmentNotFound(attachment_id)
+            owner = (row.volume_id, row.project_id)
+            self._remember(attachment_id, *owner)
+        if not ctx.sees(owner[1]):
+            raise AttachmentNotFound(attachment_id)
+        return owner[0]
 
     # -- reading --------------------------------------------------------------------------------
 
     async def _load(self, session: AsyncSession, ctx: Context, attachment_id: str) -> Attachment:
-        attachment = await session.get(Attachment, attachment_id)
-        if attachment is None or (not ctx.is_admin and attachment.project_id != ctx.project_id):
+        attachment = (await session.execute(_ATTACHMENT_BY_ID, {"attachment_id": attachment_id})).scalars().first()
+        if attachment is None or not ctx.sees(attachment.project_id):
             raise AttachmentNotFound(attachment_id)
         return attachment
 
@@ -289,7 +431,7 @@ class AttachmentService:
             stmt = select(Attachment).where(*conditions)
             if params.marker:
                 marker = await session.get(Attachment, params.marker)
-                if marker is None or (not ctx.is_admin and marker.project_id != ctx.project_id):
+                if marker is None or not ctx.sees(marker.project_id):
                     raise AttachmentNotFound(params.marker)
                 values = (
                     await session.execute(select(*[c for c, _ in columns]).where(Attachment.id == marker.id))
@@ -319,42 +461,31 @@ class AttachmentService:
         mode: str | None,
         *,
         legacy: bool = False,
+        insert: bool = True,
     ) -> tuple[Attachment, Volume]:
-        volume = await load_volume(session, ctx, volume_id)
-        if legacy:
-            # os-reserve: the classic face shows the reservation as `attaching`
-            reservable: tuple[str, ...] = (
-                (VolumeStatus.AVAILABLE, VolumeStatus.IN_USE) if volume.multiattach else (VolumeStatus.AVAILABLE,)
-            )
-            claim = {"status": VolumeStatus.ATTACHING, "attach_status": AttachStatus.ATTACHING}
-        else:
-            reservable = (
-                (VolumeStatus.AVAILABLE, VolumeStatus.IN_USE, VolumeStatus.RESERVED)
-                if volume.multiattach
-                else (VolumeStatus.AVAILABLE,)
-            )
-            claim = {"status": VolumeStatus.RESERVED, "attach_status": AttachStatus.RESERVED}
+        """insert=False: the caller inserts the new attachment itself, later in the same transaction."""
+        # load and claim in one statement; the slow path below tells a missing volume from a busy one
         claimed = await session.execute(
-            update(Volume)
-            .where(
-                Volume.id == volume.id,  # type: ignore[arg-type]
-                Volume.multiattach.is_(volume.multiattach),  # type: ignore[attr-defined]
-                Volume.status.in_(reservable),  # type: ignore[attr-defined]
-            )
-            .values(**claim, updated_at=utcnow())
+            _claim_volume(legacy=legacy, scoped=not ctx.is_admin),
+            {
+                "volume_id": volume_id,
+                "caller_project": ctx.project_id,
+                "to_status": VolumeStatus.ATTACHING if legacy else VolumeStatus.RESERVED,
+                "to_attach_status": AttachStatus.ATTACHING if legacy else AttachStatus.RESERVED,
+                "now": utcnow(),
+            },
         )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        volume = claimed.scalars().first()
+        if volume is None:
             # Nova's migration path: the same instance may hold a second attachment of an attached volume
-            current = await load_volume(session, ctx, volume.id, lock=True)
+            volume = await load_volume(session, ctx, volume_id, lock=True)
             same_instance = instance_uuid is not None and await session.scalar(
-                select(
-                    exists().where(Attachment.volume_id == current.id, Attachment.instance_uuid == instance_uuid)  # type: ignore[arg-type]
-                )
+                select(exists().where(_A.c.volume_id == volume.id, _A.c.instance_uuid == instance_uuid))
             )
-            if legacy or not (same_instance and current.status in (VolumeStatus.IN_USE, VolumeStatus.RESERVED)):
+            if legacy or not (same_instance and volume.status in (VolumeStatus.IN_USE, VolumeStatus.RESERVED)):
                 raise InvalidVolume(
-                    f"Volume {current.id} status must be available to reserve, "
-                    f"but the current status is {current.status}."
+                    f"Volume {volume.id} status must be available to reserve, "
+                    f"but the current status is {volume.status}."
                 )
         attachment = Attachment(
             volume_id=volume.id,
@@ -363,8 +494,9 @@ class AttachmentService:
             attach_status=AttachStatus.RESERVED,
             attach_mode=mode or "null",
         )
-        session.add(attachment)
-        await session.flush()
+        if insert:
+            await session.execute(_INSERT_ATTACHMENT, _columns(attachment))
+        self._remember(attachment.id, volume.id, volume.project_id)
         return attachment, volume
 
     async def reserve(
@@ -409,8 +541,7 @@ class AttachmentService:
 
     async def connect(self, ctx: Context, attachment_id: str, connector: Mapping[str, Any]) -> AttachmentRecord:
         checked = self.validate_connector(connector)
-        async with self.db.read() as session:
-            volume_id = (await self._load(session, ctx, attachment_id)).volume_id
+        volume_id = await self._volume_of(ctx, attachment_id)
         return await self._connect(ctx, attachment_id, checked, volume_id=volume_id, undo_reserve=False)
 
     async def _connect(
@@ -449,7 +580,7 @@ class AttachmentService:
         initiator = str(connector["initiator"])
         async with self.db.write() as session:
             if reserve is not None:
-                attachment, volume = await self._reserve(session, ctx, *reserve)
+                attachment, volume = await self._reserve(session, ctx, *reserve, insert=False)
             else:
                 assert attachment_id is not None
                 attachment = await self._load(session, ctx, attachment_id)
@@ -460,7 +591,7 @@ class AttachmentService:
                     f"Attachment {attachment.id} cannot be connected: its status is {attachment.attach_status}."
                 )
             if not volume.multiattach:
-                busy = await session.scalar(select(_has(volume.id, *CONNECTED, other_than=attachment.id)))
+                busy = await session.scalar(_BUSY, {"volume_id": volume.id, "attachment_id": attachment.id})
                 if busy:
                     raise Conflict(
                         f"Volume {volume.id} is not multiattach and another of its attachments is already connected."
@@ -468,7 +599,9 @@ class AttachmentService:
             chap = chap_of(volume, self.secrets)
             if chap is None:
                 chap = new_chap()
-                volume.provider_auth = provider_auth(chap, self.secrets)
+                await session.execute(
+                    _SET_PROVIDER_AUTH, {"volume_id": volume.id, "auth": provider_auth(chap, self.secrets)}
+                )
             mode = attachment.attach_mode if attachment.attach_mode in ("rw", "ro") else "rw"
             # re-connected from another host: the old host loses its ACL, unless another attachment shares it;
             # on the legacy face (keep_status) only os-terminate_connection removes an ACL
@@ -478,22 +611,20 @@ class AttachmentService:
                 if previous not in (None, initiator) and not await sharing(session, volume.id, previous, attachment.id):
                     replaced = str(previous)
             now = utcnow()
-            claimed = await session.execute(
-                update(Attachment)
-                .where(Attachment.id == attachment.id, Attachment.attach_status.in_(CONNECTABLE))  # type: ignore[arg-type, attr-defined]
-                .values(
-                    attach_status=case(
-                        (Attachment.attach_status == AttachStatus.ATTACHED, AttachStatus.ATTACHED.value),  # type: ignore[arg-type]
-                        else_=AttachStatus.ATTACHING.value,
-                    ),
-                    attach_time=now,
-                    attached_host=connector.get("host"),
-                    attach_mode=mode,
-                    updated_at=now,
+            if reserve is not None:
+                # reserved in this transaction and not yet inserted: it is inserted already connecting
+                attachment.attach_status = AttachStatus.ATTACHING
+                attachment.attach_time = attachment.updated_at = now
+                attachment.attached_host = connector.get("host")
+                attachment.attach_mode = mode
+                await session.execute(_INSERT_ATTACHMENT, _columns(attachment))
+            else:
+                claimed = await session.execute(
+                    _CLAIM_CONNECT,
+                    {"attachment_id": attachment.id, "now": now, "host": connector.get("host"), "mode": mode},
                 )
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                raise InvalidAttachment(f"Attachment {attachment.id} changed while being connected; try again.")
+                if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                    raise InvalidAttachment(f"Attachment {attachment.id} changed while being connected; try again.")
             await store_connector(session, attachment.id, connector, fresh=reserve is not None)
             if not keep_status:
                 await recompute_volume(session, volume.id)
@@ -514,26 +645,21 @@ class AttachmentService:
         info = build_connection_info(
             volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=mode
         )
-        async with self.db.write() as session:
-            # the volume's row before the attachment's, the order every transition takes them in: the other
-            # order deadlocks with an os-complete of this attachment (which holds the volume's row)
-            if volume.provider_location != export.provider_location:
+        # usually one statement, which needs no transaction of its own; with a new location, the volume's row
+        # before the attachment's, the order every transition takes them in: the other order deadlocks with an
+        # os-complete of this attachment (which holds the volume's row)
+        relocated = volume.provider_location != export.provider_location
+        async with self.db.write() if relocated else self.db.autocommit() as session:
+            if relocated:
                 await session.execute(
-                    update(Volume)
-                    .where(Volume.id == volume.id)  # type: ignore[arg-type]
-                    .values(provider_location=export.provider_location)
+                    _SET_PROVIDER_LOCATION, {"volume_id": volume.id, "location": export.provider_location}
                 )
             # stored with the secret sealed like provider_auth; AttachmentRecord opens it for the caller
-            recorded = (
-                await session.execute(
-                    update(Attachment)
-                    .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
-                    .values(connection_info=json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)}))
-                    .returning(Attachment)
-                )
-            ).scalar_one_or_none()
-            if recorded is None:
+            sealed = json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)})
+            row = (await session.execute(_RECORD_CONNECTION, {"attachment_id": attachment.id, "info": sealed})).first()
+            if row is None:
                 raise AttachmentNotFound(attachment.id)  # deleted while the backend worked
+            recorded = _refresh(attachment, row)
             if not volume.multiattach:
                 return AttachmentRecord(recorded, [], self.secrets)
             return await self._record(session, recorded)
@@ -545,7 +671,7 @@ class AttachmentService:
         ref = VolumeRef(id=attachment.volume_id, size_gb=0)
         async with self.db.write() as session:
             # the volume's lock first, as every transition takes it: the recompute then sees what others committed
-            await session.execute(select(Volume.id).where(Volume.id == attachment.volume_id).with_for_update())
+            await session.execute(_LOCK_VOLUME, {"volume_id": attachment.volume_id})
             if remove:
                 await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
             else:
@@ -557,7 +683,7 @@ class AttachmentService:
             if recompute:
                 await recompute_volume(session, attachment.volume_id)
             shared = await sharing(session, attachment.volume_id, initiator, attachment.id)
-            others = await session.scalar(select(_has(attachment.volume_id, *CONNECTED, other_than=attachment.id)))
+            others = await session.scalar(_BUSY, {"volume_id": attachment.volume_id, "attachment_id": attachment.id})
         try:
             if not shared:
                 await run(self.backends.target.remove_initiator, ref, initiator)
@@ -570,55 +696,50 @@ class AttachmentService:
 
     async def complete(self, ctx: Context, attachment_id: str) -> None:
         async with self.db.write() as session:
-            attachment = await self._load(session, ctx, attachment_id)
-            await load_volume(session, ctx, attachment.volume_id, lock=True)
-            done = await session.execute(
-                update(Attachment)
-                .where(Attachment.id == attachment.id, Attachment.attach_status.in_(CONNECTED))  # type: ignore[arg-type, attr-defined]
-                .values(attach_status=AttachStatus.ATTACHED, updated_at=utcnow())
-            )
+            owner = (await session.execute(_LOCK_VOLUME_OF, {"attachment_id": attachment_id})).first()
+            if owner is None or not ctx.sees(owner.project_id):
+                raise AttachmentNotFound(attachment_id)
+            done = await session.execute(_COMPLETE, {"attachment_id": attachment_id, "now": utcnow()})
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 # read again: a delete may have committed while we waited for the volume's lock
-                status = await session.scalar(select(Attachment.attach_status).where(Attachment.id == attachment.id))
+                status = await session.scalar(_STATUS_OF, {"attachment_id": attachment_id})
                 if status is None:
-                    raise AttachmentNotFound(attachment.id)
+                    raise AttachmentNotFound(attachment_id)
                 raise InvalidAttachment(
-                    f"Attachment {attachment.id} status must be attaching or attached to complete, "
+                    f"Attachment {attachment_id} status must be attaching or attached to complete, "
                     f"but the current status is {status}."
                 )
-            await recompute_volume(session, attachment.volume_id)
+            await recompute_volume(session, owner.volume_id)
 
     # -- remove ---------------------------------------------------------------------------------
 
     async def remove(self, ctx: Context, attachment_id: str) -> list[Attachment]:
         """Disconnect (shared-aware) and delete; returns the volume's remaining attachments."""
-        async with self.db.read() as session:
-            volume_id = (await self._load(session, ctx, attachment_id)).volume_id
+        volume_id = await self._volume_of(ctx, attachment_id)
 
         async def work() -> list[Attachment]:
             async with self.dispatcher.exclusive(volume_id) as run:
-                return await self._remove_locked(ctx, attachment_id, run)
+                return await self._remove_locked(ctx, attachment_id, volume_id, run)
 
         return await _shielded(work)
 
-    async def _remove_locked(self, ctx: Context, attachment_id: str, run: Runner) -> list[Attachment]:
+    async def _remove_locked(self, ctx: Context, attachment_id: str, volume_id: str, run: Runner) -> list[Attachment]:
         async with self.db.read() as session:
-            attachment = await self._load(session, ctx, attachment_id)
-            # every attachment of the volume with its initiator, in one query: what else uses the ACL and export
-            rows = await session.execute(
-                select(Attachment.id, Attachment.attach_status, AttachmentSpec.value)
-                .outerjoin(
-                    AttachmentSpec,
-                    and_(AttachmentSpec.attachment_id == Attachment.id, AttachmentSpec.key == "initiator"),  # type: ignore[arg-type]
-                )
-                .where(Attachment.volume_id == attachment.volume_id)  # type: ignore[arg-type]
-            )
-            initiators = {aid: (status, json.loads(value) if value else None) for aid, status, value in rows.all()}
-        initiator = initiators.get(attachment.id, (None, None))[1]
-        others = [(s, i) for aid, (s, i) in initiators.items() if aid != attachment.id and s in CONNECTED]
-        connected = attachment.attach_status in (*CONNECTED, AttachStatus.ERROR_DETACHING)
-        shared = any(i == initiator for _s, i in others)
-        volume_id = attachment.volume_id
+            # every attachment of the volume with its initiator, in one query: this one, and what else uses
+            # the ACL and the export
+            rows = (await session.execute(_INITIATORS, {"volume_id": volume_id})).all()
+        this = next((row for row in rows if row.id == attachment_id), None)
+        if this is None or not ctx.sees(this.project_id):
+            self._owners.pop(attachment_id, None)
+            raise AttachmentNotFound(attachment_id)
+        initiator = json.loads(this.value) if this.value else None
+        others = [
+            json.loads(row.value) if row.value else None
+            for row in rows
+            if row.id != attachment_id and row.attach_status in CONNECTED
+        ]
+        connected = this.attach_status in (*CONNECTED, AttachStatus.ERROR_DETACHING)
+        shared = initiator in others
         ref = VolumeRef(id=volume_id, size_gb=0)  # removal needs the name, never the size
         if connected:
             try:
@@ -627,21 +748,20 @@ class AttachmentService:
                 if not others:
                     await run(self.backends.target.remove_export, ref)
             except BackendError as error:
-                log.error("disconnecting attachment %s of volume %s failed: %s", attachment.id, volume_id, error)
+                log.error("disconnecting attachment %s of volume %s failed: %s", attachment_id, volume_id, error)
                 async with self.db.write() as session:
                     await session.execute(
                         update(Attachment)
-                        .where(Attachment.id == attachment.id)  # type: ignore[arg-type]
+                        .where(Attachment.id == attachment_id)  # type: ignore[arg-type]
                         .values(attach_status=AttachStatus.ERROR_DETACHING, updated_at=utcnow())
                     )
                 raise BackendFailure(f"Unable to disconnect volume {volume_id}: the storage backend failed.") from None
         async with self.db.write() as session:
-            await load_volume(session, ctx, volume_id, lock=True)
-            await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
+            await session.execute(_LOCK_VOLUME, {"volume_id": volume_id})
+            await session.execute(_DELETE_ATTACHMENT, {"attachment_id": attachment_id})
             await recompute_volume(session, volume_id)
-            remaining = await session.execute(
-                select(Attachment).where(Attachment.volume_id == volume_id).order_by(Attachment.created_at)  # type: ignore[arg-type]
-            )
+            remaining = await session.execute(_ATTACHMENTS_OF, {"volume_id": volume_id})
+            self._owners.pop(attachment_id, None)
             return list(remaining.scalars().all())
 
     # -- what the legacy face needs beyond the four verbs ----------------------------------------
@@ -649,9 +769,7 @@ class AttachmentService:
     async def attachments_of(self, ctx: Context, volume_id: str) -> list[Attachment]:
         async with self.db.read() as session:
             await load_volume(session, ctx, volume_id)
-            rows = await session.execute(
-                select(Attachment).where(Attachment.volume_id == volume_id).order_by(Attachment.created_at)  # type: ignore[arg-type]
-            )
+            rows = await session.execute(_ATTACHMENTS_OF, {"volume_id": volume_id})
             return list(rows.scalars().all())
 
     async def connect_for_initiator(
@@ -803,7 +921,7 @@ class AttachmentService:
                     connected = list(rows.scalars().all())
                     await recompute_volume(session, volume.id)
                 for attachment_id in connected:
-                    await self._remove_locked(ctx, attachment_id, run)
+                    await self._remove_locked(ctx, attachment_id, volume_id, run)
 
         await _shielded(work)
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, exists, func, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Context
@@ -72,16 +72,19 @@ def volume_ref(volume: Volume) -> VolumeRef:
 
 def scoped(ctx: Context, volume: Volume | None) -> Volume | None:
     """Another project's volume does not exist for a non-admin."""
-    if volume is None or (not ctx.is_admin and volume.project_id != ctx.project_id):
+    if volume is None or not ctx.sees(volume.project_id):
         return None
     return volume
 
 
+# built once: every state change loads its volume, and building the statement cost more CPU than running it
+_VOLUME_BY_ID = select(Volume).where(Volume.id == bindparam("volume_id"))
+_VOLUME_BY_ID_LOCKED = _VOLUME_BY_ID.with_for_update()
+
+
 async def load_volume(session: AsyncSession, ctx: Context, volume_id: str, *, lock: bool = False) -> Volume:
-    stmt = select(Volume).where(Volume.id == volume_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    volume = scoped(ctx, (await session.execute(stmt)).scalars().first())
+    stmt = _VOLUME_BY_ID_LOCKED if lock else _VOLUME_BY_ID
+    volume = scoped(ctx, (await session.execute(stmt, {"volume_id": volume_id})).scalars().first())
     if volume is None:
         raise VolumeNotFound(volume_id)
     return volume

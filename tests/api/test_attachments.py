@@ -6,8 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import delete
 
 from app.backends.base import Chap
+from app.db.models import Attachment
 from tests.api.attaching import (
     CONNECTION_INFO_KEYS,
     DETAIL_KEYS,
@@ -226,6 +228,21 @@ async def test_delete_of_a_reserved_attachment_touches_no_backend(api: Api) -> N
     assert await listed(api) == []
     assert await listed(api, detail=True) == []
     assert await attachment_rows(api, volume["id"]) == []
+
+
+async def test_an_attachment_deleted_by_another_process_is_404_here(api: Api) -> None:
+    # this process remembers which volume each attachment it made belongs to; another process sharing the
+    # database (a second worker, `tether reconcile`) may delete the row behind its back
+    volume = await api.create_volume()
+    attachment = await reserve(api, volume["id"])
+    async with api.app.state.db.write() as session:
+        await session.execute(delete(Attachment).where(Attachment.id == attachment["id"]))  # type: ignore[arg-type]
+
+    assert "could not be found" in fault(await api.delete(f"/attachments/{attachment['id']}"), 404)
+    body = {"attachment": {"connector": connector("compute1")}}
+    assert "could not be found" in fault(await api.put(f"/attachments/{attachment['id']}", body), 404)
+    assert "could not be found" in fault(await api.delete(f"/attachments/{attachment['id']}"), 404)
+    assert target(api).faults.calls == []
 
 
 @pytest.mark.parametrize("completed", [False, True])

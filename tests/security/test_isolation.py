@@ -212,7 +212,7 @@ def app_routes(app: Any) -> set[tuple[str, str]]:
     for route in iter_route_contexts(app.routes):
         for method in getattr(route, "methods", None) or ():
             if method != "HEAD":
-                found.add((method, route.path))
+                found.add((method, getattr(route, "path_format", route.path)))
     return found
 
 
