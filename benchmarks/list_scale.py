@@ -16,12 +16,9 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import httpx
 
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+from benchmarks.attach_cycle import percentile
+from benchmarks.wire import Connection
 
 
 async def seed(db: str, project: str, attachments: int, per_volume: int = 10) -> str:
@@ -85,13 +82,14 @@ async def plans(db: str, project: str, volume_id: str) -> dict[str, str]:
         await connection.close()
 
 
-async def timed(client: httpx.AsyncClient, path: str, repeat: int) -> dict[str, float]:
+async def timed(client: Connection, path: str, repeat: int) -> dict[str, float]:
     samples = []
     for _ in range(repeat):
         started = time.perf_counter()
-        response = await client.get(path)
+        status, _body = await client.request("GET", path)
         samples.append(time.perf_counter() - started)
-        response.raise_for_status()
+        if status != 200:
+            raise RuntimeError(f"GET {path} answered {status}")
     return {"p50_ms": round(1000 * percentile(samples, 0.5), 2), "p95_ms": round(1000 * percentile(samples, 0.95), 2)}
 
 
@@ -100,10 +98,11 @@ async def main(base: str, db: str, sizes: list[int], repeat: int) -> None:
         project = f"scale{size}x{uuid.uuid4().hex[:6]}"
         volume_id = await seed(db, project, size)
         headers = {"X-Auth-Token": f"bench:{project}", "OpenStack-API-Version": "volume 3.71"}
-        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as client:
-            await client.get(f"/v3/{project}/attachments?limit=100")  # warm
-            page = await timed(client, f"/v3/{project}/attachments?limit=100", repeat)
-            by_volume = await timed(client, f"/v3/{project}/attachments?volume_id={volume_id}", repeat)
+        client = Connection(base, headers)
+        await client.request("GET", f"/v3/{project}/attachments?limit=100")  # warm
+        page = await timed(client, f"/v3/{project}/attachments?limit=100", repeat)
+        by_volume = await timed(client, f"/v3/{project}/attachments?volume_id={volume_id}", repeat)
+        await client.close()
         explained = await plans(db, project, volume_id)
         print(json.dumps({"attachments": size, "limit_100": page, "volume_id_filter": by_volume}))
         for name, plan in explained.items():

@@ -16,40 +16,45 @@ import json
 import time
 import uuid
 
-import httpx
-
 from benchmarks.attach_cycle import make_volume, percentile
+from benchmarks.wire import Connection
 
 
 async def main(base: str, volumes: int) -> None:
     project = f"pool{uuid.uuid4().hex[:8]}"
     headers = {"X-Auth-Token": f"bench:{project}", "OpenStack-API-Version": "volume 3.71"}
-    limits = httpx.Limits(max_connections=volumes + 8)
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=120, limits=limits) as client:
-        ids = await asyncio.gather(*(make_volume(client, project) for _ in range(volumes)))
-        reads: list[float] = []
-        done = asyncio.Event()
+    setup = Connection(base, headers)
+    ids = [await make_volume(setup, project) for _ in range(volumes)]
+    await setup.close()
+    reads: list[float] = []
+    done = asyncio.Event()
 
-        async def reader() -> None:
-            while not done.is_set():
-                started = time.perf_counter()
-                (await client.get(f"/v3/{project}/volumes/{ids[0]}")).raise_for_status()
-                reads.append(time.perf_counter() - started)
-                await asyncio.sleep(0.005)
+    async def reader() -> None:
+        connection = Connection(base, headers)
+        while not done.is_set():
+            started = time.perf_counter()
+            status, _body = await connection.request("GET", f"/v3/{project}/volumes/{ids[0]}")
+            reads.append(time.perf_counter() - started)
+            if status != 200:
+                raise RuntimeError(f"GET answered {status}")
+            await asyncio.sleep(0.005)
+        await connection.close()
 
-        async def attach(n: int, volume_id: str) -> int:
-            connector = {"initiator": f"iqn.2004-10.org.bench:pool-{n}", "host": f"pool-{n}"}
-            response = await client.post(
-                f"/v3/{project}/attachments", json={"attachment": {"volume_uuid": volume_id, "connector": connector}}
-            )
-            return response.status_code
+    async def attach(n: int, volume_id: str) -> int:
+        connection = Connection(base, headers)
+        connector = {"initiator": f"iqn.2004-10.org.bench:pool-{n}", "host": f"pool-{n}"}
+        body = {"attachment": {"volume_uuid": volume_id, "connector": connector}}
+        status, _body = await connection.request("POST", f"/v3/{project}/attachments", body)
+        await connection.close()
+        return status
 
-        reading = asyncio.create_task(reader())
-        started = time.perf_counter()
-        codes = await asyncio.gather(*(attach(n, v) for n, v in enumerate(ids)))
-        elapsed = time.perf_counter() - started
-        done.set()
-        await reading
+    reading = asyncio.create_task(reader())
+    await asyncio.sleep(0.5)  # the reader's baseline before the burst
+    started = time.perf_counter()
+    codes = await asyncio.gather(*(attach(n, v) for n, v in enumerate(ids)))
+    elapsed = time.perf_counter() - started
+    done.set()
+    await reading
     print(
         json.dumps(
             {

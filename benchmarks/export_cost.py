@@ -1,0 +1,148 @@
+"""Real export cost: file + tgt attach and detach latency (median of N), and the share spent in `tgtadm`.
+
+Starts a private tgtd (own portal and control port, as the storage tests do), runs Tether in-process
+(httpx's ASGI transport, PostgreSQL by default) with the file store and the tgt target, and for each round
+times `POST /attachments` with a connector (target, LUN, CHAP account, ACL) and `DELETE` of it, while a
+wrapper around the one command runner (app/backends/cmd.run) adds up the wall time of every tgtadm process.
+Needs root and the Debian packages tgt and libiscsi-bin.
+
+    python -m benchmarks.export_cost --rounds 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.backends import cmd
+from app.config import Settings
+from app.main import create_app
+from tests.storage.tgtd import TgtDaemon
+
+HEADERS = {"OpenStack-API-Version": "volume 3.71"}
+
+
+class TgtadmClock:
+    """Wraps cmd.run: the seconds and the number of tgtadm processes since the last reset()."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self._run = cmd.run
+
+    def install(self) -> None:
+        def timed(argv: Any, **kwargs: Any) -> cmd.Completed:
+            started = time.perf_counter()
+            try:
+                return self._run(argv, **kwargs)
+            finally:
+                if argv and str(argv[0]).endswith("tgtadm"):
+                    self.seconds += time.perf_counter() - started
+                    self.calls += 1
+
+        cmd.run = timed  # type: ignore[assignment]
+
+    def reset(self) -> tuple[float, int]:
+        taken = (self.seconds, self.calls)
+        self.seconds, self.calls = 0.0, 0
+        return taken
+
+
+@dataclass
+class Samples:
+    """One operation's wall times, time in tgtadm, and tgtadm calls, per round."""
+
+    label: str
+    total: list[float] = field(default_factory=list)
+    tgtadm: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+
+    def row(self) -> str:
+        total, spent = statistics.median(self.total), statistics.median(self.tgtadm)
+        return (
+            f"| {self.label} | {1000 * total:.1f} | {1000 * spent:.1f} | {100 * spent / total:.0f}% | "
+            f"{statistics.median(self.calls):.0f} | {1000 * min(self.total):.1f} / {1000 * max(self.total):.1f} |"
+        )
+
+
+async def timed(clock: TgtadmClock, samples: Samples | None, call: Awaitable[httpx.Response]) -> httpx.Response:
+    """Await one request; unless warming up (samples is None), record its time and its tgtadm work."""
+    clock.reset()
+    started = time.perf_counter()
+    response = await call
+    elapsed = time.perf_counter() - started
+    if response.status_code != 200:
+        what = samples.label if samples else "warm-up"
+        raise RuntimeError(f"{what} answered {response.status_code}: {response.text}")
+    spent, calls = clock.reset()
+    if samples is not None:
+        samples.total.append(elapsed)
+        samples.tgtadm.append(spent)
+        samples.calls.append(calls)
+    return response
+
+
+async def main(db: str, rounds: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="tether-export-cost-"))
+    daemon = TgtDaemon(log_dir=work)
+    daemon.start()
+    clock = TgtadmClock()
+    clock.install()
+    try:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None,
+            database_url=db,
+            volume_backend="file",
+            target="tgt",
+            file_dir=str(work / "volumes"),
+            target_portal=daemon.portal,
+            tgt_control_port=daemon.control_port,
+            reconcile_on_start=False,
+            log_level="WARNING",
+        )
+        app = create_app(settings)
+        project = f"cost{uuid.uuid4().hex[:8]}"
+        headers = {**HEADERS, "X-Auth-Token": f"bench:{project}"}
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", headers=headers) as client,
+        ):
+            created = await client.post(f"/v3/{project}/volumes", json={"volume": {"size": 1}})
+            volume_id = created.json()["volume"]["id"]
+            await app.state.work.idle()
+            attach = Samples("attach (POST /attachments with connector)")
+            detach = Samples("detach (DELETE /attachments/{id})")
+            for n in range(rounds + 3):  # the first 3 warm up (and create the volume's CHAP account)
+                connector = {"initiator": f"iqn.2004-10.org.bench:cost-{n % 4}", "host": f"cost-{n % 4}"}
+                body = {"attachment": {"volume_uuid": volume_id, "connector": connector}}
+                attached = await timed(
+                    clock, attach if n >= 3 else None, client.post(f"/v3/{project}/attachments", json=body)
+                )
+                attachment_id = attached.json()["attachment"]["id"]
+                removal = client.delete(f"/v3/{project}/attachments/{attachment_id}")
+                await timed(clock, detach if n >= 3 else None, removal)
+    finally:
+        daemon.stop()
+    print(f"{rounds} rounds, file + tgt, {db.split('+')[0]}")
+    print("| operation | median ms | tgtadm median ms | tgtadm share | tgtadm calls | min / max ms |")
+    print("|---|---|---|---|---|---|")
+    print(attach.row())
+    print(detach.row())
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", default="postgresql+asyncpg://postgres@127.0.0.1:5432/tether_bench")
+    parser.add_argument("--rounds", type=int, default=50)
+    args = parser.parse_args()
+    asyncio.run(main(args.db, args.rounds))
