@@ -161,6 +161,17 @@ def server_log_problems(server: Server) -> list[str]:
     return [f"server log has a traceback: {chunk[:600]}" for chunk in text.split("Traceback")[1:]]
 
 
+def server_events(server: Server, last: int = 40) -> str:
+    """The end of the server log without the backends' routine lines: uvicorn's starts and deaths, reconciles,
+    warnings, errors and tracebacks."""
+    lines = [
+        line
+        for line in server.log.read_text(errors="replace").splitlines()
+        if not line[:2].isdigit() or any(word in line for word in (" WARNING ", " ERROR ", " tether."))
+    ]
+    return "\n".join(lines[-last:])
+
+
 def wait_for_commands(control_port: int, timeout: float = 10) -> None:
     """Wait until no tgtadm of this tgtd is running: a killed server does not take its children with it."""
     needle = ["tgtadm", "-C", str(control_port)]

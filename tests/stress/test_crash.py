@@ -63,6 +63,7 @@ from tests.stress.harness import (
     kill_server,
     multiattach_type,
     read_tgtd,
+    server_events,
     server_log_problems,
     snapshot,
     spawn_server,
@@ -546,7 +547,10 @@ async def test_a_worker_killed_under_load_is_replaced_and_the_invariants_hold(
                 # uvicorn notices and starts a replacement, whose lifespan (and reconcile) runs under the load
                 deadline = time.monotonic() + 60
                 while started_workers(server) <= before or len(worker_pids(server)) < workers:
-                    assert time.monotonic() < deadline, "no replacement worker started"
+                    assert time.monotonic() < deadline, (
+                        f"no replacement worker started; supervisor exit code {server.process.poll()}, "
+                        f"workers {worker_pids(server)}, server log:\n{server_events(server)}"
+                    )
                     await asyncio.sleep(0.05)
             # stop soon after the last reconcile, so that whatever it broke is still there to be seen
             await asyncio.sleep(0.5)
