@@ -44,6 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.db.migrate import upgrade
+    from app.supervisor import watch_workers_closely
 
     settings = Settings()
     if settings.is_sqlite:
@@ -53,6 +54,8 @@ def _serve(args: argparse.Namespace) -> int:
     report = _check(settings)
     if not report.healthy:
         raise CLIError(f"not starting: database {report.database}; backend {report.backend}")
+    if args.workers > 1:
+        watch_workers_closely()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -61,7 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level.lower(),
         access_log=False,
-        # a busy 2-core host can miss uvicorn's 5 s worker ping; a restarted worker drops its requests
+        # a busy 2-core host can miss uvicorn's 5 s worker ping; a restarted worker drops its requests (a dead
+        # worker is still noticed at once: app/supervisor.py)
         timeout_worker_healthcheck=60,
     )
     return 0

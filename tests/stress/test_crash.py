@@ -510,6 +510,26 @@ def started_workers(server: Server) -> int:
     return server.log.read_text(errors="replace").count("Application startup complete")
 
 
+def test_a_worker_that_dies_while_its_health_check_waits_is_replaced_at_once(pg: PgDatabase, tmp_path: Path) -> None:
+    """uvicorn alone would wait its whole health-check timeout (60 s) for the dead worker's answer."""
+    server = spawn_server(tmp_path, {"TETHER_DATABASE_URL": pg.url}, 2)
+    try:
+        victim = worker_pids(server)[0]
+        before = started_workers(server)
+        # a stopped worker cannot answer: within half a second the supervisor is waiting on its ping
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(1.5)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        while started_workers(server) <= before or len(worker_pids(server)) < 2:
+            assert time.monotonic() - killed < 20, f"no replacement worker in 20 s:\n{server_events(server)}"
+            time.sleep(0.05)
+        assert victim not in worker_pids(server)
+        assert httpx.get(f"{server.base}/healthcheck", timeout=5).status_code == 200
+    finally:
+        stop_server(server)
+
+
 @pytest.mark.storage
 async def test_a_worker_killed_under_load_is_replaced_and_the_invariants_hold(
     tgtd: TgtDaemon, pg: PgDatabase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
