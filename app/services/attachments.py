@@ -259,6 +259,11 @@ def _refresh(attachment: Attachment, row: Any) -> Attachment:
     return attachment
 
 
+async def lock_volume(session: AsyncSession, volume_id: str) -> None:
+    """Take the volume's row lock: the first lock of every transition, so they never take them in another order."""
+    await session.execute(_LOCK_VOLUME, {"volume_id": volume_id})
+
+
 async def recompute_volume(session: AsyncSession, volume_id: str) -> None:
     """The volume's status follows its remaining attachments, in one UPDATE."""
     await session.execute(_RECOMPUTE, {"volume_id": volume_id, "now": utcnow()})
@@ -368,6 +373,7 @@ class AttachmentService:
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def _remember(self, attachment_id: str, volume_id: str, project_id: str) -> None:
+        """Called once the attachment's row is committed: a rolled-back one is never remembered."""
         self._owners[attachment_id] = (volume_id, project_id)
         if len(self._owners) > _OWNERS_KEPT:
             self._owners.popitem(last=False)
@@ -496,7 +502,6 @@ class AttachmentService:
         )
         if insert:
             await session.execute(_INSERT_ATTACHMENT, _columns(attachment))
-        self._remember(attachment.id, volume.id, volume.project_id)
         return attachment, volume
 
     async def reserve(
@@ -510,6 +515,7 @@ class AttachmentService:
     ) -> AttachmentRecord:
         async with self.db.write() as session:
             attachment, _volume = await self._reserve(session, ctx, volume_id, instance_uuid, mode, legacy=legacy)
+        self._remember(attachment.id, attachment.volume_id, attachment.project_id)
         return AttachmentRecord(attachment, secrets=self.secrets)
 
     async def create(
@@ -628,6 +634,7 @@ class AttachmentService:
             await store_connector(session, attachment.id, connector, fresh=reserve is not None)
             if not keep_status:
                 await recompute_volume(session, volume.id)
+        self._remember(attachment.id, volume.id, volume.project_id)
         ref = volume_ref(volume)
         try:
             path = self.backends.volumes.path(ref)
@@ -671,9 +678,10 @@ class AttachmentService:
         ref = VolumeRef(id=attachment.volume_id, size_gb=0)
         async with self.db.write() as session:
             # the volume's lock first, as every transition takes it: the recompute then sees what others committed
-            await session.execute(_LOCK_VOLUME, {"volume_id": attachment.volume_id})
+            await lock_volume(session, attachment.volume_id)
             if remove:
-                await session.execute(delete(Attachment).where(Attachment.id == attachment.id))  # type: ignore[arg-type]
+                await session.execute(_DELETE_ATTACHMENT, {"attachment_id": attachment.id})
+                self._owners.pop(attachment.id, None)
             else:
                 await session.execute(
                     update(Attachment)
@@ -757,7 +765,7 @@ class AttachmentService:
                     )
                 raise BackendFailure(f"Unable to disconnect volume {volume_id}: the storage backend failed.") from None
         async with self.db.write() as session:
-            await session.execute(_LOCK_VOLUME, {"volume_id": volume_id})
+            await lock_volume(session, volume_id)
             await session.execute(_DELETE_ATTACHMENT, {"attachment_id": attachment_id})
             await recompute_volume(session, volume_id)
             remaining = await session.execute(_ATTACHMENTS_OF, {"volume_id": volume_id})

@@ -14,7 +14,7 @@ from app.backends.dispatch import Dispatcher, Runner
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.secrets import SEALED, SecretBox
-from app.services.attachments import CONNECTED, chap_of, provider_auth, recompute_volume
+from app.services.attachments import CONNECTED, chap_of, lock_volume, provider_auth, recompute_volume
 
 log = logging.getLogger("tether.reconcile")
 
@@ -141,7 +141,7 @@ class Reconciler:
         for attachment_id, volume_id in rows:
             async with self.dispatcher.exclusive(volume_id), self.db.write() as session:
                 # the volume's row first, as every transition takes it
-                await session.execute(select(Volume.id).where(Volume.id == volume_id).with_for_update())
+                await lock_volume(session, volume_id)
                 undone = await session.execute(
                     update(Attachment)
                     .where(
