@@ -109,7 +109,7 @@ def _reconcile(_args: argparse.Namespace) -> int:
     from app.backends.dispatch import Dispatcher
     from app.backends.factory import build_backends
     from app.db.engine import Database
-    from app.db.locks import AdvisoryLocks
+    from app.db.locks import cross_process_locks
     from app.secrets import SecretBox
     from app.services.reconcile import Reconciler
 
@@ -118,7 +118,7 @@ def _reconcile(_args: argparse.Namespace) -> int:
     async def go() -> int:
         db = Database(settings.database_url)
         # the servers sharing this database may be running: take each volume's lock as they do
-        locks = None if db.is_sqlite or not settings.distributed_locks else AdvisoryLocks(settings.database_url)
+        locks = cross_process_locks(db, settings.distributed_locks)
         dispatcher = Dispatcher(settings.backend_workers, locks)
         try:
             report = await Reconciler(db, dispatcher, build_backends(settings), SecretBox(settings.secret_key)).run()

@@ -21,7 +21,7 @@ from app.backends.dispatch import Dispatcher
 from app.backends.factory import build_backends
 from app.config import Settings
 from app.db.engine import Database
-from app.db.locks import AdvisoryLocks
+from app.db.locks import cross_process_locks
 from app.errors import TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
         backends: Backends = build_backends(settings)
-        locks = None if db.is_sqlite or not settings.distributed_locks else AdvisoryLocks(settings.database_url)
+        locks = cross_process_locks(db, settings.distributed_locks)
         dispatcher = Dispatcher(settings.backend_workers, locks)
         app.state.metrics.watch(dispatcher)
         work = BackgroundWork()

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from app.backends.dispatch import KeyedLocks
+from app.db.engine import Database
 
 log = logging.getLogger("tether.locks")
 
@@ -71,3 +72,8 @@ class AdvisoryLocks:
         if self._connection is not None and not self._connection.is_closed():
             await self._connection.close()
         self._connection = None
+
+
+def cross_process_locks(db: Database, enabled: bool) -> AdvisoryLocks | None:
+    """The volumes' locks across processes: none on SQLite (one process) or when turned off."""
+    return None if db.is_sqlite or not enabled else AdvisoryLocks(db.url)
