@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     file_dir: str = "./var/volumes"
     log_level: str = "INFO"
     log_json: bool = False
+    # one line per request (method, path, status, duration, request id), logged at INFO by tether.access
+    access_log: bool = True
     # fake backends only: seconds each call sleeps (tests and benchmarks)
     fake_delay: float = Field(default=0.0, ge=0)
     availability_zone: str = "nova"

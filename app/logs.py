@@ -13,6 +13,8 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 _fields: ContextVar[dict[str, str]] = ContextVar("log_fields", default={})  # noqa: B039 - never mutated
 
 LOG_FIELDS = ("project_id", "volume_id", "attachment_id")
+# the access log's fields (app/middleware.py), given to its one call as `extra`
+ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
 
 
 def begin_request(request_id: str) -> tuple[object, object]:
@@ -59,7 +61,7 @@ class _MaskingFormatter(logging.Formatter):
 
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
@@ -70,6 +72,10 @@ class _JSONFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value:
                 entry[key] = value
+        for key in ACCESS_FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                entry[key] = mask(value) if isinstance(value, str) else value
         if record.exc_info:
             entry["traceback"] = mask(self.formatException(record.exc_info))
         return json.dumps(entry)

@@ -1,4 +1,4 @@
-"""The one ASGI middleware: request ids, microversion negotiation, body size limit, last-resort 500."""
+"""The one ASGI middleware: request ids, microversion negotiation, body size limit, last-resort 500, access log."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from app.errors import OverLimit, TetherError, fault_body
 from app.logs import begin_request, end_request
 
 log = logging.getLogger("tether.api")
+# one INFO line per request; TETHER_ACCESS_LOG=false (or a TETHER_LOG_LEVEL above INFO) silences it
+access_log = logging.getLogger("tether.access")
 
 MAX_BODY = 1024 * 1024
 
@@ -45,6 +47,8 @@ def _json_response_messages(status: int, body: dict[str, Any], headers: list[tup
 class APIMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # TETHER_ACCESS_LOG, read once from the first request's app (the middleware is only given the next app)
+        self._access_log: bool | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,15 +91,13 @@ class APIMiddleware:
                 raise OverLimit()
         except TetherError as error:
             await fail(error)
-            end_request(token)
-            _observe(scope, error.code, time.perf_counter() - started_at)
+            self._done(scope, error.code, started_at, token, request_id)
             return
         except Exception:
             # a request must never escape without the fault body and request id, whatever failed
             log.exception("unexpected error reading the headers of %s %s", scope["method"], scope["path"])
             await fail(TetherError())
-            end_request(token)
-            _observe(scope, 500, time.perf_counter() - started_at)
+            self._done(scope, 500, started_at, token, request_id)
             return
 
         received = 0
@@ -120,8 +122,39 @@ class APIMiddleware:
                 for message in _json_response_messages(500, fault_body(500, TetherError.message), []):
                     await send_with_headers(message)
         finally:
-            end_request(token)
-            _observe(scope, status_code, time.perf_counter() - started_at)
+            self._done(scope, status_code, started_at, token, request_id)
+
+    def _done(
+        self, scope: Scope, status: int, started_at: float, token: tuple[object, object], request_id: str
+    ) -> None:
+        """The request is over: its access line (while its ids are still bound), then its metrics."""
+        seconds = time.perf_counter() - started_at
+        if self._access_log is None:
+            settings = getattr(scope["app"].state, "settings", None) if "app" in scope else None
+            self._access_log = bool(getattr(settings, "access_log", True))
+        if self._access_log and access_log.isEnabledFor(logging.INFO):
+            duration_ms = round(seconds * 1000, 2)
+            # the path only: a query string or a header (X-Auth-Token) is never written; a decoded %0a in the
+            # path must not start a forged line
+            path = scope["path"]
+            if not path.isprintable():
+                path = path.encode("unicode_escape").decode()
+            access_log.info(
+                "%s %s %d %.2fms",
+                scope["method"],
+                path,
+                status,
+                duration_ms,
+                extra={
+                    "method": scope["method"],
+                    "path": path,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    "request_id": request_id,
+                },
+            )
+        end_request(token)
+        _observe(scope, status, seconds)
 
 
 def _observe(scope: Scope, status: int, seconds: float) -> None:
