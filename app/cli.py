@@ -134,31 +134,74 @@ def _reconcile(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # every option's help ends with its default; settings come from TETHER_* variables (README, docs/operations.md)
+    shown = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="tether", description="Tether: OpenStack Block Storage v3 volumes and attachments."
+        prog="tether",
+        description="Tether: OpenStack Block Storage v3 volumes and attachments.",
+        epilog="Configuration is read from TETHER_* environment variables or ./.env (see docs/operations.md).",
+        formatter_class=shown,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the API server (upgrades an embedded SQLite database first)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8776)
-    serve.add_argument("--workers", type=int, default=1)
+    serve = commands.add_parser(
+        "serve",
+        help="run the API server (upgrades an embedded SQLite database first)",
+        description="Run the API server. On SQLite the database is upgraded first; on PostgreSQL run "
+        "`tether db upgrade` before.",
+        formatter_class=shown,
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", metavar="ADDRESS", help="address to listen on (0.0.0.0: every interface)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8776, metavar="PORT", help="TCP port to listen on (the one Cinder uses)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes; more than 1 needs PostgreSQL (TETHER_DATABASE_URL)",
+    )
     serve.set_defaults(func=_serve)
 
-    db = commands.add_parser("db", help="database maintenance")
-    db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("upgrade", help="apply every migration").set_defaults(func=_db_upgrade)
+    db = commands.add_parser(
+        "db", help="database maintenance", description="Database maintenance.", formatter_class=shown
+    )
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_commands.add_parser(
+        "upgrade",
+        help="apply every migration",
+        description="Apply every migration to TETHER_DATABASE_URL.",
+        formatter_class=shown,
+    ).set_defaults(func=_db_upgrade)
 
-    openapi = commands.add_parser("openapi", help="write the OpenAPI spec")
-    openapi.add_argument("--output", default="openapi/openapi.json")
+    openapi = commands.add_parser(
+        "openapi",
+        help="write the OpenAPI spec",
+        description="Write the OpenAPI spec of the API this version serves.",
+        formatter_class=shown,
+    )
+    openapi.add_argument(
+        "--output", default="openapi/openapi.json", metavar="FILE", help="where to write it, from the working directory"
+    )
     openapi.set_defaults(func=_openapi)
 
     commands.add_parser(
-        "status", help="is the database reachable, is the backend reachable, counts by status"
+        "status",
+        help="is the database reachable, is the backend reachable, counts by status",
+        description="Report whether the database and the storage backend answer, and count volumes and "
+        "attachments by status; exit 1 when either is down.",
+        formatter_class=shown,
     ).set_defaults(func=_status)
 
     commands.add_parser(
-        "reconcile", help="finish interrupted work and make the target's exports and ACLs match the database"
+        "reconcile",
+        help="finish interrupted work and make the target's exports and ACLs match the database",
+        description="Finish or roll back interrupted work and make the target's exports and ACLs match the "
+        "database; exit 1 when something could not be fixed.",
+        formatter_class=shown,
     ).set_defaults(func=_reconcile)
     return parser
 

@@ -1,11 +1,15 @@
 """The `tether` command as an operator meets it: help everywhere, one-line errors, status."""
 
+import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from app.cli import build_parser
 
 TETHER = str(Path(sys.executable).parent / "tether")
 
@@ -78,3 +82,37 @@ def test_sqlite_refuses_several_workers(tmp_path: Path) -> None:
     result = run("serve", "--workers", "2", env={"TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db"})
     assert result.returncode == 1
     assert "SQLite is single-process" in result.stderr
+
+
+def test_serve_help_shows_every_option_with_its_default() -> None:
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "--host ADDRESS address to listen on" in text
+    assert "(default: 127.0.0.1)" in text
+    assert "(default: 8776)" in text
+    assert "(default: 1)" in text
+
+
+def test_openapi_help_shows_its_default() -> None:
+    text = " ".join(run("openapi", "--help").stdout.split())
+    assert "(default: openapi/openapi.json)" in text
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_option_and_command_has_help_text() -> None:
+    for parser in _parsers(build_parser()):
+        assert parser.description, parser.prog
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                assert all(choice.help for choice in action._choices_actions), parser.prog
+            else:
+                assert action.help, (parser.prog, action.option_strings)
+                assert action.help != argparse.SUPPRESS, (parser.prog, action.option_strings)
