@@ -26,13 +26,23 @@ from app.errors import TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
-from app.routers import attachments, operations, scheduler_stats, types, versions, volume_actions, volumes
+from app.routers import (
+    attachments,
+    operations,
+    scheduler_stats,
+    types,
+    versions,
+    volume_actions,
+    volume_metadata,
+    volumes,
+)
 from app.routers.deps import project_path, storable_input, version_header
 from app.secrets import SecretBox
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
 from app.services.reconcile import Reconciler
 from app.services.types import VolumeTypeService
+from app.services.volume_metadata import VolumeMetadataService
 from app.services.volumes import VolumeService
 from app.services.work import BackgroundWork
 
@@ -97,7 +107,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 # routing tries routes in this order: attachments, the busiest resource (Nova, bare-metal provisioners), first
-_RESOURCE_MODULES = (attachments, volumes, volume_actions, types, scheduler_stats)
+_RESOURCE_MODULES = (attachments, volumes, volume_actions, volume_metadata, types, scheduler_stats)
 
 
 def _api_router() -> APIRouter:
@@ -142,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.work = work
         app.state.volumes = VolumeService(db, dispatcher, backends, settings, work)
         app.state.types = VolumeTypeService(db)
+        app.state.volume_metadata = VolumeMetadataService(db)
         app.state.attachments = attachment_service
         app.state.legacy = LegacyService(db, attachment_service)
         app.state.reconciler = Reconciler(db, dispatcher, backends, secrets)

@@ -142,3 +142,22 @@ class AttachmentUpdateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     attachment: AttachmentUpdate
+
+
+MetadataKey = Annotated[str, Field(min_length=1, max_length=255)]
+
+
+class VolumeMetadataRequest(BaseModel):
+    """`{"metadata": {key: value}}`: POST merges it into the volume's metadata, PUT makes it the whole of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metadata: dict[MetadataKey, Text255]
+
+
+class VolumeMetadataItemRequest(BaseModel):
+    """`{"meta": {key: value}}`: one item, whose key is the one in the URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    meta: dict[MetadataKey, Text255]

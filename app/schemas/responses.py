@@ -202,3 +202,11 @@ class VersionView(BaseModel):
 
 class Versions(BaseModel):
     versions: list[VersionView]
+
+
+class VolumeMetadataEnvelope(BaseModel):
+    metadata: dict[str, str]
+
+
+class VolumeMetadataItemEnvelope(BaseModel):
+    meta: dict[str, str] = Field(description="One key and its value.")

@@ -191,3 +191,22 @@ def test_errors_reach_the_cli(shared_server: Server) -> None:
     assert "no-such-type" in failed.stderr
     assert "HTTP 404" in failed.stderr
     assert cinder.api("GET", "/volumes").json() == {"volumes": []}
+
+
+@pytest.mark.parametrize("version", ["3.71", "3.0"])
+def test_metadata_set_show_update_all_unset(shared_server: Server, version: str) -> None:
+    # the microversion changes the CLI's unset: a DELETE per key before 3.15, from 3.15 on a GET then a PUT of the rest
+    cinder = Cinder(shared_server, "alice", project(), version)
+    volume_id = create(cinder, "labelled", metadata={"keep": "me"})
+    node = "ironic_node_1be26c0b-03f2-4d2e-ae87-c02d7f33c123"
+
+    cinder.run("metadata", volume_id, "set", f"{node}=attached", "role=boot")
+    shown = {row["Metadata-property"]: row["Value"] for row in cinder.table("metadata-show", volume_id)}
+    assert shown == {"keep": "me", node: "attached", "role": "boot"}
+
+    cinder.run("metadata", volume_id, "unset", node, "role")
+    assert cinder.api("GET", f"/volumes/{volume_id}/metadata").json() == {"metadata": {"keep": "me"}}
+
+    replaced = cinder.table("metadata-update-all", volume_id, "only=this")
+    assert {row["Metadata-property"]: row["Value"] for row in replaced} == {"only": "this"}
+    assert cinder.wait_for(volume_id)["metadata"] == {"only": "this"}

@@ -99,6 +99,21 @@ def probes_for(v: Victim) -> dict[tuple[str, str], list[Probe]]:
             Probe(f"/volumes/{vol}"),
             Probe(f"/volumes/{vol}", params={"force": "true"}, foreign=ids(403, 404), admin_only=True),
         ],
+        ("GET", "/volumes/{volume_id}/metadata"): [
+            Probe(f"/volumes/{vol}/metadata"),
+            Probe(f"/volumes/{att}/metadata"),
+        ],
+        ("POST", "/volumes/{volume_id}/metadata"): [
+            Probe(f"/volumes/{vol}/metadata", {"metadata": {"owned": "yes"}}),
+            Probe(f"/volumes/{att}/metadata", {"metadata": {"secret": "owned"}}),
+        ],
+        ("PUT", "/volumes/{volume_id}/metadata"): [Probe(f"/volumes/{vol}/metadata", {"metadata": {}})],
+        ("GET", "/volumes/{volume_id}/metadata/{key}"): [Probe(f"/volumes/{vol}/metadata/secret")],
+        ("PUT", "/volumes/{volume_id}/metadata/{key}"): [
+            Probe(f"/volumes/{vol}/metadata/secret", {"meta": {"secret": "owned"}}),
+            Probe(f"/volumes/{att}/metadata/new", {"meta": {"new": "owned"}}),
+        ],
+        ("DELETE", "/volumes/{volume_id}/metadata/{key}"): [Probe(f"/volumes/{vol}/metadata/secret")],
         ("POST", action): [
             Probe(f"/volumes/{vol}/action", {"os-reserve": None}, action="os-reserve"),
             Probe(f"/volumes/{res}/action", {"os-unreserve": None}, action="os-unreserve"),

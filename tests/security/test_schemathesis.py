@@ -69,7 +69,7 @@ def _seed_resources(base: str) -> None:
         made = admin.post("/types", json={"volume_type": {"name": name, "extra_specs": specs}})
         assert made.status_code == 200, made.text
         KNOWN["type_id"] += [made.json()["volume_type"]["id"], name, "__DEFAULT__"]
-        KNOWN["key"] += ["k", "multiattach"]
+        KNOWN["key"] += ["k", "multiattach", "m"]  # extra spec keys, and the volumes' metadata key below
         for i in range(4):
             body: dict[str, Any] = {"size": 1, "name": f"v{i}", "metadata": {"m": str(i)}}
             if i == 3:
