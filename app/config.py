@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     lvm_type: Literal["thick", "thin"] = "thick"
     lvm_thin_pool: str = "tether-pool"
     lvm_config: str | None = None
+    # thick LVs are overwritten with zeros before lvremove (Cinder's volume_clear): the first N MiB, 0 = all of it
+    volume_clear: Literal["zero", "none"] = "zero"
+    volume_clear_size: int = Field(default=0, ge=0)
     file_dir: str = "./var/volumes"
     log_level: str = "INFO"
     log_json: bool = False

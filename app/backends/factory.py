@@ -25,6 +25,8 @@ def build_backends(settings: Settings) -> Backends:
             lvm_type=settings.lvm_type,
             thin_pool=settings.lvm_thin_pool,
             extra_config=settings.lvm_config,
+            volume_clear=settings.volume_clear,
+            volume_clear_size_mib=settings.volume_clear_size,
         )
 
     if settings.target == "fake":

@@ -2,6 +2,7 @@
 
 Import the fixtures into a test module (`from tests.storage.lvm import loop_vg`); they clean up (vgremove,
 pvremove, losetup -d) whatever the test did. Missing tools fail the test when CI=true and skip it elsewhere.
+`CommandSpy` stands in for the command runner to see, and where needed redirect, what the store runs.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from app.backends import cmd
 
 IN_CI = os.environ.get("CI") == "true"
 PV_SIZE = 3 * 1024**3
@@ -124,3 +128,37 @@ def active_loop_vg(tmp_path: Path) -> Iterator[LoopVG]:
         pytest.skip(NO_DEVICE_MAPPER)
     with make_loop_vg(tmp_path, activation=True) as vg:
         yield vg
+
+
+@dataclass
+class CommandSpy:
+    """Stands in for `cmd.run` (monkeypatched) under the LVM store: records every argv, then runs it for real.
+
+    LVs here have no device node (no device-mapper), so `stand_ins` maps an LV's path to a file that dd writes
+    instead: the store's own argv runs with only `of=` changed. A command named in `answers` is not run: it
+    succeeds with that output (dd for wipes too large to write in a test, lvs to report what lvm2 cannot make here).
+    """
+
+    stand_ins: dict[str, str] = field(default_factory=dict)
+    answers: dict[str, str] = field(default_factory=dict)
+    calls: list[tuple[list[str], dict[str, Any]]] = field(default_factory=list)
+    real_run: Any = cmd.run
+
+    def __call__(self, argv: Sequence[str], **kw: Any) -> cmd.Completed:
+        assert isinstance(argv, list), argv
+        assert all(isinstance(a, str) for a in argv), argv
+        self.calls.append((list(argv), kw))
+        if argv[0] in self.answers:
+            return cmd.Completed(0, self.answers[argv[0]], "")
+        return self.real_run([self._stand_in(a) for a in argv], **kw)  # type: ignore[no-any-return]
+
+    def _stand_in(self, arg: str) -> str:
+        if arg.startswith("of=") and arg[3:] in self.stand_ins:
+            return f"of={self.stand_ins[arg[3:]]}"
+        return arg
+
+    def commands(self) -> list[str]:
+        return [argv[0] for argv, _ in self.calls]
+
+    def dd(self) -> list[list[str]]:
+        return [argv for argv, _ in self.calls if argv[0] == "dd"]

@@ -79,6 +79,27 @@ def test_delete_removes_the_file_and_a_missing_file_is_success(file_store: FileV
     assert not os.path.exists(path)
 
 
+def test_a_deleted_and_recreated_volume_reads_all_zeros(file_store: FileVolumeStore) -> None:
+    """The next volume with the same id is a new file: none of the old one's data can be read back."""
+    volume = new_volume()
+    path = file_store.create(volume)
+    with open(path, "r+b") as f:
+        for offset in (0, 4096, GIB // 2, GIB - 7):
+            f.seek(offset)
+            f.write(b"tenant!")
+
+    file_store.delete(volume)
+    assert file_store.create(volume) == path
+
+    assert os.stat(path).st_size == GIB
+    chunk = 4 * 1024 * 1024
+    zeros = bytes(chunk)
+    with open(path, "rb") as f:
+        for offset in range(0, GIB, chunk):
+            assert f.read(chunk) == zeros, f"data at offset {offset}"
+        assert f.read() == b""
+
+
 def test_path_does_not_touch_the_host(file_store: FileVolumeStore, file_dir: str) -> None:
     volume = new_volume()
 

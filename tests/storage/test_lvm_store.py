@@ -1,28 +1,46 @@
-"""LvmVolumeStore against real lvm2 on a loop device: sizes, idempotency, a full group, capacity, thin pools."""
+"""LvmVolumeStore against real lvm2 on a loop device: sizes, idempotency, a full group, capacity, thin pools, wipes."""
 
 from __future__ import annotations
 
+import os
 import uuid
+from pathlib import Path
+from typing import Any
 
+import pydantic
 import pytest
 
+from app.backends import cmd
 from app.backends.base import BackendError, VolumeRef
 from app.backends.factory import build_backends
 from app.backends.volumes.lvm import LvmVolumeStore, activation_disabled
 from app.config import Settings
-from tests.storage.lvm import LoopVG, active_loop_vg, device_mapper_available, loop_vg
+from tests.storage.lvm import CommandSpy, LoopVG, active_loop_vg, device_mapper_available, loop_vg
 
 __all__ = ["active_loop_vg", "loop_vg"]  # fixtures, imported for pytest to find
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 def volume(size_gb: int = 1) -> VolumeRef:
     return VolumeRef(id=str(uuid.uuid4()), size_gb=size_gb)
 
 
-def thick(vg: LoopVG) -> LvmVolumeStore:
-    return LvmVolumeStore(vg.name, "thick", extra_config=vg.config)
+def thick(vg: LoopVG, **options: Any) -> LvmVolumeStore:
+    # the loop VG's LVs are never activated, so they have no device to wipe: the wipe has tests of its own below
+    options.setdefault("volume_clear", "none")
+    return LvmVolumeStore(vg.name, "thick", extra_config=vg.config, **options)
+
+
+def spy(monkeypatch: pytest.MonkeyPatch, **options: Any) -> CommandSpy:
+    commands = CommandSpy(**options)
+    monkeypatch.setattr(cmd, "run", commands)
+    return commands
+
+
+def wipe(path: str, count: int) -> list[str]:
+    return ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}", "oflag=direct", "conv=fsync,nocreat,notrunc"]
 
 
 def volume_lvs(vg: LoopVG) -> dict[str, list[str]]:
@@ -168,6 +186,183 @@ def test_activation_follows_the_extra_config() -> None:
 def test_unsafe_names_are_refused_at_construction(vg: str, pool: str) -> None:
     with pytest.raises(ValueError, match="invalid LVM"):
         LvmVolumeStore(vg, "thin", pool)
+
+
+# -- wiping on delete (volume_clear) -------------------------------------------------------------------
+
+
+def test_delete_zeroes_a_thick_volume_before_removing_it(
+    loop_vg: LoopVG, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = thick(loop_vg, volume_clear="zero", volume_clear_size_mib=4)
+    vol = volume(1)
+    store.create(vol)
+    device = tmp_path / "device"  # stands in for the LV's device node, which this kernel cannot make
+    device.write_bytes(b"\xab" * 8 * MIB)  # the tenant's data, also past the part to wipe
+    commands = spy(monkeypatch, stand_ins={store.path(vol): str(device)})
+
+    store.delete(vol)
+
+    assert commands.commands() == ["lvs", "dd", "lvremove"]
+    assert commands.dd() == [wipe(f"/dev/{loop_vg.name}/{vol.name}", 4)]
+    data = device.read_bytes()
+    assert data[: 4 * MIB] == bytes(4 * MIB)
+    assert data[4 * MIB :] == b"\xab" * 4 * MIB
+    assert volume_lvs(loop_vg) == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "count"),
+    [
+        ({}, 1024),
+        ({"volume_clear_size_mib": 0}, 1024),
+        ({"volume_clear_size_mib": 1}, 1),
+        ({"volume_clear_size_mib": 4096}, 1024),
+    ],
+    ids=["default", "zero-is-all", "one-mib", "more-than-the-volume"],
+)
+def test_how_much_is_wiped(
+    loop_vg: LoopVG, monkeypatch: pytest.MonkeyPatch, options: dict[str, int], count: int
+) -> None:
+    store = LvmVolumeStore(loop_vg.name, "thick", extra_config=loop_vg.config, **options)
+    vol = volume(1)
+    store.create(vol)
+    commands = spy(monkeypatch, answers={"dd": ""})  # 1 GiB is too much to write in a test: checked as argv
+
+    store.delete(vol)
+
+    assert commands.dd() == [wipe(store.path(vol), count)]
+    (dd_options,) = [kw for argv, kw in commands.calls if argv[0] == "dd"]
+    assert dd_options["timeout"] >= store.timeout + count / 10  # a whole volume takes longer than an lvm2 call
+    assert volume_lvs(loop_vg) == {}
+
+
+def test_a_wipe_that_fails_keeps_the_volume_and_a_retry_wipes_it(
+    loop_vg: LoopVG, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = thick(loop_vg, volume_clear="zero", volume_clear_size_mib=1)
+    vol = volume(1)
+    store.create(vol)
+    device = tmp_path / "device"
+    commands = spy(monkeypatch, stand_ins={store.path(vol): str(device)})
+
+    with pytest.raises(BackendError, match=rf"cannot wipe {loop_vg.name}/{vol.name}, so it is kept: dd exited with 1"):
+        store.delete(vol)
+
+    assert not device.exists()  # conv=nocreat: a missing device never becomes a file of zeros
+    assert commands.commands() == ["lvs", "dd"]
+    assert volume_lvs(loop_vg) == {vol.name: [str(GIB)]}
+
+    device.write_bytes(b"\xab" * MIB)
+    store.delete(vol)
+    assert device.read_bytes() == bytes(MIB)
+    assert volume_lvs(loop_vg) == {}
+
+
+def test_without_a_device_node_the_delete_fails_and_says_why(loop_vg: LoopVG) -> None:
+    """No seam: the real dd meets the real missing node of an LV that LVM may not activate."""
+    store = LvmVolumeStore(loop_vg.name, "thick", extra_config=loop_vg.config)
+    vol = volume(1)
+    store.create(vol)
+    assert not os.path.exists(store.path(vol))
+
+    with pytest.raises(BackendError) as caught:
+        store.delete(vol)
+
+    assert str(caught.value).startswith(f"cannot wipe {loop_vg.name}/{vol.name}, so it is kept: dd exited with 1: ")
+    assert str(caught.value).endswith("LVs are not activated here, so none has a device: set volume_clear none")
+    assert not os.path.exists(f"/dev/{loop_vg.name}")
+    assert volume_lvs(loop_vg) == {vol.name: [str(GIB)]}
+
+
+def test_volume_clear_none_removes_without_a_wipe(loop_vg: LoopVG, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = thick(loop_vg, volume_clear="none")
+    vol = volume(1)
+    store.create(vol)
+    commands = spy(monkeypatch)
+
+    store.delete(vol)
+
+    assert commands.commands() == ["lvremove"]
+    assert volume_lvs(loop_vg) == {}
+
+
+def test_deleting_a_missing_volume_wipes_nothing(loop_vg: LoopVG, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = thick(loop_vg, volume_clear="zero")
+    commands = spy(monkeypatch)
+
+    store.delete(volume(1))
+
+    assert commands.commands() == ["lvs"]
+
+
+def test_a_thin_lv_is_removed_without_a_wipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lvm2 cannot make a thin LV without device-mapper, so lvs is answered here (test_thin_volumes_are_never_wiped
+    checks the same with real thin LVs where the kernel has device-mapper)."""
+    vol = volume(1)
+    store = LvmVolumeStore("tether-vg", "thin")
+    commands = spy(monkeypatch, answers={"lvs": f"  {vol.name}|{GIB}|tether-pool|thin\n", "lvremove": ""})
+
+    store.delete(vol)
+
+    assert commands.commands() == ["lvs", "lvremove"]
+
+
+def test_thin_volumes_are_never_wiped(active_loop_vg: LoopVG, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = LvmVolumeStore(active_loop_vg.name, "thin", extra_config=active_loop_vg.config)
+    vol = volume(1)
+    store.create(vol)
+    commands = spy(monkeypatch)
+
+    store.delete(vol)
+
+    assert "dd" not in commands.commands()
+    assert vol.name not in active_loop_vg.lvs()
+
+
+def test_a_deleted_thick_volume_leaves_no_data_for_the_next_one(active_loop_vg: LoopVG) -> None:
+    """Where LVs get device nodes: the real wipe, and a new LV on the same extents reads zeros."""
+    store = LvmVolumeStore(active_loop_vg.name, "thick", extra_config=active_loop_vg.config)
+    first = volume(1)
+    path = store.create(first)
+    # lvcreate zeroes only the first 4 KiB of a new LV, so data further in would survive a bare lvremove
+    offsets = (MIB, GIB // 2, GIB - MIB)
+    with open(path, "r+b") as device:
+        for offset in offsets:
+            device.seek(offset)
+            device.write(b"\xab" * 4096)
+        os.fsync(device.fileno())
+
+    store.delete(first)
+    second = volume(1)
+    path = store.create(second)  # the group is empty again: LVM hands out the same first extents
+
+    with open(path, "rb") as device:
+        for offset in offsets:
+            device.seek(offset)
+            assert device.read(4096) == bytes(4096)
+
+
+def test_wipe_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="volume_clear must be zero or none"):
+        LvmVolumeStore("vg", volume_clear="shred")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="volume_clear_size_mib"):
+        LvmVolumeStore("vg", volume_clear_size_mib=-1)
+    for bad in ({"volume_clear": "shred"}, {"volume_clear_size": -1}):
+        with pytest.raises(pydantic.ValidationError):
+            Settings(_env_file=None, **bad)  # type: ignore[call-arg, arg-type]
+
+
+def test_factory_passes_the_wipe_settings() -> None:
+    default = build_backends(Settings(_env_file=None, volume_backend="lvm")).volumes  # type: ignore[call-arg]
+    assert isinstance(default, LvmVolumeStore)
+    assert (default.volume_clear, default.volume_clear_size_mib) == ("zero", 0)
+
+    settings = Settings(_env_file=None, volume_backend="lvm", volume_clear="none", volume_clear_size=100)  # type: ignore[call-arg]
+    store = build_backends(settings).volumes
+
+    assert isinstance(store, LvmVolumeStore)
+    assert (store.volume_clear, store.volume_clear_size_mib) == ("none", 100)
 
 
 def test_factory_builds_the_lvm_store() -> None:

@@ -1,7 +1,8 @@
 """LVM volume store: one logical volume `volume-<id>` per volume in a volume group, thick or thin, via lvm2's commands.
 
 LVM itself is the only record: every call asks `lvs`/`vgs` (or reads lvm2's refusal) instead of remembering, so
-create and delete are idempotent and safe to repeat after a crash.
+create and delete are idempotent and safe to repeat after a crash. A thick LV is overwritten with zeros before
+`lvremove` (Cinder's `volume_clear`), because its extents go back to the group with the tenant's data still on them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from app.backends.base import BackendError, Capacity, VolumeRef
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+MIB = 1024**2
 TIMEOUT = 60.0
 DEFAULT_THIN_POOL_PERCENT = 90
 
@@ -33,6 +35,11 @@ _ACTIVATION_OFF = re.compile(r"\bactivation\s*=\s*0\b")
 _NO_SPACE = ("insufficient free space", "insufficient suitable")
 _EXISTS = "already exists"
 _NO_LV = "Failed to find logical volume"
+
+VolumeClear = Literal["zero", "none"]
+# a wipe writes the whole volume (minutes for a large one), so its timeout grows with the size at a rate any
+# working disk beats: the bound only catches a device that stopped answering
+WIPE_MIB_PER_SECOND = 10
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,11 @@ class LvmVolumeStore:
     activation off, in which case `-an -Zn` are added, because lvcreate cannot zero an LV it may not activate.
     A missing thin pool is created on first use with `thin_pool_percent` % of the VG's free extents, leaving
     the rest for the pool's metadata to grow and for thick LVs.
+
+    `volume_clear` "zero" overwrites a thick LV with zeros before removing it: its first `volume_clear_size_mib`
+    MiB, or all of it when that is 0. Thin LVs are never wiped: the pool hands out zeroed chunks to the next LV.
+    A wipe that fails (no device node, an I/O error) fails the delete and keeps the LV, so a retry wipes again;
+    where LVs are never activated, there is no device to wipe and `volume_clear` must be "none".
     """
 
     name = "lvm"
@@ -70,6 +82,8 @@ class LvmVolumeStore:
         activate: bool | None = None,
         thin_pool_percent: int = DEFAULT_THIN_POOL_PERCENT,
         timeout: float = TIMEOUT,
+        volume_clear: VolumeClear = "zero",
+        volume_clear_size_mib: int = 0,
     ) -> None:
         if not _LVM_NAME.match(vg):
             raise ValueError(f"invalid LVM volume group name {vg!r}")
@@ -79,6 +93,10 @@ class LvmVolumeStore:
             raise ValueError(f"invalid LVM thin pool name {thin_pool!r}")
         if not 1 <= thin_pool_percent <= 100:
             raise ValueError("thin_pool_percent must be between 1 and 100")
+        if volume_clear not in ("zero", "none"):
+            raise ValueError(f"volume_clear must be zero or none, not {volume_clear!r}")
+        if volume_clear_size_mib < 0:
+            raise ValueError("volume_clear_size_mib must be 0 (all) or more")
         self.vg = vg
         self.lvm_type = lvm_type
         self.thin_pool = thin_pool
@@ -86,6 +104,8 @@ class LvmVolumeStore:
         self.activate = not activation_disabled(extra_config) if activate is None else activate
         self.thin_pool_percent = thin_pool_percent
         self.timeout = timeout
+        self.volume_clear = volume_clear
+        self.volume_clear_size_mib = volume_clear_size_mib
         # two first volumes created at once would both try to make the pool; one lvcreate is enough
         self._pool_lock = threading.Lock()
 
@@ -130,6 +150,13 @@ class LvmVolumeStore:
 
     def delete(self, volume: VolumeRef) -> None:
         lv = self._lv_name(volume)
+        if self.volume_clear == "zero":
+            existing = self._find(lv)
+            if existing is None:
+                return
+            # the LV's own segment type, not the store's setting: a VG may hold both kinds
+            if existing.segtype != "thin":
+                self._wipe(volume, existing)
         try:
             self._lvm("lvremove", "-f", f"{self.vg}/{lv}")
         except cmd.CommandFailed as exc:
@@ -157,6 +184,29 @@ class LvmVolumeStore:
         return Capacity(total_bytes=total, free_bytes=free)
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _wipe(self, volume: VolumeRef, lv: LogicalVolume) -> None:
+        size_mib = lv.size_bytes // MIB  # Tether's LVs are whole GiB, so nothing is left past the last MiB
+        count = min(self.volume_clear_size_mib, size_mib) if self.volume_clear_size_mib else size_mib
+        argv = [
+            "dd",
+            "if=/dev/zero",
+            f"of={self.path(volume)}",
+            "bs=1M",
+            f"count={count}",
+            # direct and fsync: the zeros are on the disk, not in a cache, before lvremove frees the extents
+            "oflag=direct",
+            # nocreat: a missing device node must fail the wipe, not become a file of zeros on /dev's tmpfs;
+            # notrunc: overwrite in place (a device ignores O_TRUNC anyway, a file standing in for one must not)
+            "conv=fsync,nocreat,notrunc",
+        ]
+        try:
+            cmd.run(argv, timeout=self.timeout + count / WIPE_MIB_PER_SECOND)
+        except BackendError as exc:
+            # the one setup where this is expected: activation off, so no LV ever had a device to write through
+            hint = "" if self.activate else "; LVs are not activated here, so none has a device: set volume_clear none"
+            raise BackendError(f"cannot wipe {self.vg}/{lv.name}, so it is kept: {exc}{hint}") from None
+        log.info("wiped %d MiB of LV %s/%s", count, self.vg, lv.name)
 
     def _lv_name(self, volume: VolumeRef) -> str:
         lv = volume.name
