@@ -10,7 +10,7 @@ from app.errors import InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, VersionDep, VolumesDep
 from app.routers.docs import faults, list_query, since
-from app.schemas.requests import VolumeCreateRequest, VolumeUpdateRequest
+from app.schemas.requests import VolumeCreate, VolumeCreateRequest, VolumeUpdateRequest
 from app.schemas.responses import VolumeDetailList, VolumeEnvelope, VolumeList
 from app.services.listing import parse_bool, parse_list_params
 from app.services.volumes import VOLUME_FILTERS, VOLUME_SORT_KEYS
@@ -20,6 +20,25 @@ router = APIRouter(prefix="/volumes", tags=["volumes"])
 
 def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/")
+
+
+# why each of these create keys cannot be honoured: Tether makes empty volumes in no group
+_UNSUPPORTED = {
+    "snapshot_id": "creating a volume from a snapshot is not supported",
+    "source_volid": "cloning a volume is not supported",
+    "imageRef": "creating a volume from an image is not supported",
+    "image_id": "creating a volume from an image is not supported",
+    "backup_id": "restoring a backup to a new volume is not supported",
+    "consistencygroup_id": "consistency groups are not supported",
+    "group_id": "volume groups are not supported",
+}
+
+
+def _refuse_unsupported(spec: VolumeCreate) -> None:
+    # a blank disk where the caller asked for its snapshot or image would look like success; null and "" are unset
+    for field, why in _UNSUPPORTED.items():
+        if getattr(spec, field):
+            raise InvalidInput(f"Invalid input for field/attribute volume.{field}: {why}; leave it out or send null.")
 
 
 def _refuse_extra(version: mv.APIVersion, *models: object) -> None:
@@ -47,6 +66,7 @@ async def create_volume(
     _refuse_extra(version, body, spec)
     if "multiattach" in (spec.model_extra or {}):
         raise InvalidInput("multiattach is set by the volume type, not in the request body.")
+    _refuse_unsupported(spec)
     record = await svc.create(
         ctx,
         size=spec.size,

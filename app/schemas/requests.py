@@ -21,6 +21,14 @@ def _strict_int(value: Any) -> Any:
 
 Size = Annotated[int, BeforeValidator(_strict_int), Field(ge=1, le=2**31 - 1)]
 Text255 = Annotated[str, Field(max_length=255)]
+# what Cinder creates a volume from, or puts it in; Tether makes empty volumes in no group, so the router refuses
+# any value but null or "" (Cinder's clients send null for each one they do not use)
+Unsupported = Annotated[
+    str | None,
+    Field(
+        description="Unsupported: Tether creates empty volumes only, so anything but null or an empty string is a 400."
+    ),
+]
 
 
 class VolumeCreate(BaseModel):
@@ -35,13 +43,14 @@ class VolumeCreate(BaseModel):
     volume_type: Text255 | None = None
     metadata: dict[str, str] | None = None
     availability_zone: Text255 | None = None
-    # accepted and ignored, as Cinder's clients send them even when empty
-    snapshot_id: str | None = None
-    source_volid: str | None = None
-    imageRef: str | None = None
-    consistencygroup_id: str | None = None
-    group_id: str | None = None
-    backup_id: str | None = None
+    snapshot_id: Unsupported = None
+    source_volid: Unsupported = None
+    imageRef: Unsupported = None
+    image_id: Unsupported = None  # Cinder's other name for imageRef
+    consistencygroup_id: Unsupported = None
+    group_id: Unsupported = None
+    backup_id: Unsupported = None
+    # accepted and ignored: hints are advice to a scheduler, and a single pool has nothing to choose
     scheduler_hints: dict[str, Any] | None = None
 
 
