@@ -5,7 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 
 def _strict_int(value: Any) -> Any:
@@ -16,6 +17,13 @@ def _strict_int(value: Any) -> Any:
         raise ValueError("must be an integer")
     if isinstance(value, str) and not value.strip().isdigit():
         raise ValueError("must be an integer")
+    return value
+
+
+def _not_null(value: Any) -> Any:
+    # a key that may be left out, but whose schema in Cinder has no null among its values
+    if value is None:
+        raise ValueError("must not be null")
     return value
 
 
@@ -111,9 +119,10 @@ class AttachmentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     volume_uuid: Annotated[str, BeforeValidator(_uuid_text)]
-    instance_uuid: Annotated[str | None, BeforeValidator(_uuid_text)] = None
+    # None means "left out": Cinder's schema refuses null for these two, and so does the spec (SkipJsonSchema)
+    instance_uuid: Annotated[str | SkipJsonSchema[None], BeforeValidator(_uuid_text), BeforeValidator(_not_null)] = None
     connector: dict[str, Any] | None = None
-    mode: Literal["rw", "ro"] | None = None
+    mode: Annotated[Literal["rw", "ro"] | SkipJsonSchema[None], BeforeValidator(_not_null)] = None
 
 
 class AttachmentCreateRequest(BaseModel):
@@ -128,6 +137,13 @@ class AttachmentActionRequest(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     os_complete: Any = Field(default=None, alias="os-complete")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_action_outside_an_object(cls, data: Any) -> Any:
+        # a list, a string or a number names no action: the route answers "Malformed request body" for a body
+        # without exactly one action key, as Cinder's action_peek does, instead of a validation error about types
+        return data if isinstance(data, dict) else {}
 
     def actions(self) -> list[str]:
         given = ["os-complete"] if "os_complete" in self.model_fields_set else []
