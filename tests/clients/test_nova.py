@@ -311,6 +311,9 @@ def test_live_migration(nova: Nova, tether: Tether) -> None:
     nova.attachment_complete(destination["id"])
     assert live(tether, volume["id"]) == {source["id"]: "attached", destination["id"]: "attached"}
     assert tether.volume(volume["id"])["status"] == "in-use"
+    found = nova.attachment_get_all(instance_id=instance)
+    assert {a["id"] for a in found} == {source["id"], destination["id"]}
+    assert {a["id"] for a in nova.attachment_get_all(volume_id=volume["id"])} == {source["id"], destination["id"]}
 
     # post_live_migration on the source: its attachment goes, the destination's stays connected
     nova.attachment_delete(source["id"])
