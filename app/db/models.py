@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from uuid import uuid4
 
-from sqlalchemy import Column, ForeignKey, Index, String, Text
+from sqlalchemy import Boolean, Column, ForeignKey, Index, String, Text, false
 from sqlmodel import Field, SQLModel
 
 
@@ -127,6 +127,9 @@ class Attachment(SQLModel, table=True):
     attach_mode: str = Field(default="null", max_length=36)
     attach_status: str = Field(default=AttachStatus.RESERVED, max_length=32)
     connection_info: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # os-terminate_connection removed this attachment's ACL (it stays attached until os-detach): reconcile
+    # must not give the initiator its access back
+    terminated: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime | None = None
 

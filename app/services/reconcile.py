@@ -7,14 +7,16 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import func, select, update
 
 from app.backends.base import BackendError, Backends, ExportState, VolumeRef
 from app.backends.dispatch import Dispatcher, Runner
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.secrets import SEALED, SecretBox
-from app.services.attachments import CONNECTED, chap_of, lock_volume, provider_auth, recompute_volume
+from app.services.connections import chap_of, provider_auth
+from app.services.transitions import CONNECTED, lock_volume, recompute_volume
+from app.services.volumes import remove_deleted
 
 log = logging.getLogger("tether.reconcile")
 
@@ -94,33 +96,58 @@ class Reconciler:
                 )
             ).all()
         for volume_id, size, status in stuck:
-            ref = VolumeRef(id=volume_id, size_gb=size)
-            if status == VolumeStatus.CREATING:
-                try:
-                    await self.dispatcher.run(volume_id, self.backends.volumes.create, ref)
-                    outcome, bucket = VolumeStatus.AVAILABLE, report.volumes_created
-                except BackendError as error:
-                    log.error("reconcile: creating volume %s failed: %s", volume_id, error)
-                    outcome, bucket = VolumeStatus.ERROR, report.volumes_failed
-                async with self.db.write() as session:
-                    await session.execute(
-                        update(Volume)
-                        .where(Volume.id == volume_id, Volume.status == VolumeStatus.CREATING)  # type: ignore[arg-type]
-                        .values(status=outcome, updated_at=utcnow())
-                    )
-                bucket.append(volume_id)
-            else:
-                try:
-                    await self.dispatcher.run(volume_id, self.backends.volumes.delete, ref)
-                except BackendError as error:
-                    log.error("reconcile: deleting volume %s failed: %s", volume_id, error)
-                    report.errors.append(f"delete {volume_id}")
-                    continue
-                async with self.db.write() as session:
-                    await session.execute(
-                        delete(Volume).where(Volume.id == volume_id, Volume.status == VolumeStatus.DELETING)  # type: ignore[arg-type]
-                    )
-                report.volumes_deleted.append(volume_id)
+            try:
+                async with self.dispatcher.exclusive(volume_id) as run:
+                    if status == VolumeStatus.CREATING:
+                        await self._finish_create(run, VolumeRef(id=volume_id, size_gb=size), report)
+                    else:
+                        await self._finish_delete(run, VolumeRef(id=volume_id, size_gb=size), report)
+            except Exception as error:  # one bad row never stops the rest (nor a worker's start)
+                log.exception("reconcile: volume %s: %s", volume_id, error)
+                report.errors.append(f"volume {volume_id}")
+
+    async def _finish_create(self, run: Runner, ref: VolumeRef, report: ReconcileReport) -> None:
+        try:
+            await run(self.backends.volumes.create, ref)
+            outcome, bucket = VolumeStatus.AVAILABLE, report.volumes_created
+        except BackendError as error:
+            log.error("reconcile: creating volume %s failed: %s", ref.id, error)
+            outcome, bucket = VolumeStatus.ERROR, report.volumes_failed
+        async with self.db.write() as session:
+            await session.execute(
+                update(Volume)
+                .where(Volume.id == ref.id, Volume.status == VolumeStatus.CREATING)  # type: ignore[arg-type]
+                .values(status=outcome, updated_at=utcnow())
+            )
+        bucket.append(ref.id)
+
+    async def _finish_delete(self, run: Runner, ref: VolumeRef, report: ReconcileReport) -> None:
+        """A volume left `deleting`: its storage goes, then its row; never a volume that has attachments (an
+        admin's os-reset_status to `deleting` on an attached one): that one becomes error_deleting, storage kept."""
+        async with self.db.write() as session:
+            await lock_volume(session, ref.id)
+            attached = await session.scalar(select(func.count()).where(Attachment.volume_id == ref.id))  # type: ignore[arg-type]
+            if attached:
+                await session.execute(
+                    update(Volume)
+                    .where(Volume.id == ref.id, Volume.status == VolumeStatus.DELETING)  # type: ignore[arg-type]
+                    .values(status=VolumeStatus.ERROR_DELETING, updated_at=utcnow())
+                )
+        if attached:
+            log.error(
+                "reconcile: volume %s is deleting but has %d attachment(s): its storage is kept", ref.id, attached
+            )
+            report.errors.append(f"delete {ref.id}: it has attachments")
+            return
+        try:
+            await run(self.backends.volumes.delete, ref)
+        except BackendError as error:
+            log.error("reconcile: deleting volume %s failed: %s", ref.id, error)
+            report.errors.append(f"delete {ref.id}")
+            return
+        async with self.db.write() as session:
+            await session.execute(remove_deleted(ref.id))
+        report.volumes_deleted.append(ref.id)
 
     async def _attachments(self, report: ReconcileReport) -> None:
         """A connect that never recorded its connection_info did not finish: back to reserved.
@@ -139,25 +166,37 @@ class Reconciler:
                 )
             ).all()
         for attachment_id, volume_id in rows:
-            async with self.dispatcher.exclusive(volume_id), self.db.write() as session:
-                # the volume's row first, as every transition takes it
-                await lock_volume(session, volume_id)
-                undone = await session.execute(
-                    update(Attachment)
-                    .where(
-                        Attachment.id == attachment_id,  # type: ignore[arg-type]
-                        Attachment.attach_status == AttachStatus.ATTACHING,  # type: ignore[arg-type]
-                        Attachment.connection_info.is_(None),  # type: ignore[union-attr]
-                    )
-                    .values(attach_status=AttachStatus.RESERVED, attach_time=None, updated_at=utcnow())
+            try:
+                await self._roll_back(attachment_id, volume_id, report)
+            except Exception as error:  # one bad row never stops the rest
+                log.exception("reconcile: attachment %s: %s", attachment_id, error)
+                report.errors.append(f"attachment {attachment_id}")
+
+    async def _roll_back(self, attachment_id: str, volume_id: str, report: ReconcileReport) -> None:
+        async with self.dispatcher.exclusive(volume_id), self.db.write() as session:
+            # the volume's row first, as every transition takes it
+            await lock_volume(session, volume_id)
+            undone = await session.execute(
+                update(Attachment)
+                .where(
+                    Attachment.id == attachment_id,  # type: ignore[arg-type]
+                    Attachment.attach_status == AttachStatus.ATTACHING,  # type: ignore[arg-type]
+                    Attachment.connection_info.is_(None),  # type: ignore[union-attr]
                 )
-                if undone.rowcount != 1:  # type: ignore[attr-defined]
-                    continue  # the connect finished (or was undone) while we waited for the lock
-                await recompute_volume(session, volume_id)
-            report.attachments_rolled_back.append(attachment_id)
+                .values(attach_status=AttachStatus.RESERVED, attach_time=None, updated_at=utcnow())
+            )
+            if undone.rowcount != 1:  # type: ignore[attr-defined]
+                return  # the connect finished (or was undone) while we waited for the lock
+            await recompute_volume(session, volume_id)
+        report.attachments_rolled_back.append(attachment_id)
 
     async def _wanted(self, volume_id: str | None = None) -> dict[str, tuple[Volume, set[str]]]:
-        """Each volume with a connected attachment, and the initiators of those attachments."""
+        """Each volume with a connected attachment (its export), and the initiators those attachments use.
+
+        The legacy face's record counts: os-terminate_connection ended a `terminated` attachment's ACL, but it
+        keeps the export until os-detach; a legacy live migration's two attachments (source and destination)
+        each keep their own ACL until os-terminate_connection names one.
+        """
         conditions = [
             Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
             AttachmentSpec.key == "initiator",
@@ -167,15 +206,17 @@ class Reconciler:
         async with self.db.read() as session:
             rows = (
                 await session.execute(
-                    select(Volume, AttachmentSpec.value)
+                    select(Volume, AttachmentSpec.value, Attachment.terminated)
                     .join(Attachment, Attachment.volume_id == Volume.id)  # type: ignore[arg-type]
                     .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
                     .where(*conditions)
                 )
             ).all()
         wanted: dict[str, tuple[Volume, set[str]]] = {}
-        for volume, initiator in rows:
-            wanted.setdefault(volume.id, (volume, set()))[1].add(json.loads(initiator))
+        for volume, initiator, terminated in rows:
+            initiators = wanted.setdefault(volume.id, (volume, set()))[1]
+            if not terminated:
+                initiators.add(json.loads(initiator))
         return wanted
 
     async def _target(self, report: ReconcileReport) -> None:
@@ -205,6 +246,9 @@ class Reconciler:
                         await self._remove(run, have, report)
             except BackendError as error:
                 log.error("reconcile: making the export of volume %s match failed: %s", volume_id, error)
+                report.errors.append(f"export {volume_id}")
+            except Exception as error:  # one bad row (a CHAP secret that cannot be read, …) never stops the rest
+                log.exception("reconcile: volume %s: %s", volume_id, error)
                 report.errors.append(f"export {volume_id}")
 
     async def _restore(

@@ -302,7 +302,10 @@ class VolumeService:
         if force and not ctx.is_admin:
             raise Forbidden()
         async with self.db.write() as session:
-            volume = await load_volume(session, ctx, volume_id)
+            # the row lock first, as every reservation takes it: the NOT EXISTS below then sees every attachment
+            # committed before it (in READ COMMITTED a waiting UPDATE re-checks only its own row, not a subquery),
+            # so even a forced delete never deletes a volume that has attachments
+            volume = await load_volume(session, ctx, volume_id, lock=True)
             condition: list[ColumnElement[bool]] = [
                 Volume.id == volume.id,  # type: ignore[list-item]
                 ~exists().where(Attachment.volume_id == Volume.id),
@@ -313,7 +316,6 @@ class VolumeService:
                 update(Volume).where(*condition).values(status=VolumeStatus.DELETING, updated_at=utcnow())
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
-                await session.refresh(volume)
                 attached = await session.scalar(select(func.count()).where(Attachment.volume_id == volume.id))
                 if attached:
                     raise InvalidVolume(
@@ -339,4 +341,13 @@ class VolumeService:
 
     async def _remove_row(self, volume_id: str) -> None:
         async with self.db.write() as session:
-            await session.execute(delete(Volume).where(Volume.id == volume_id, Volume.status == VolumeStatus.DELETING))  # type: ignore[arg-type]
+            await session.execute(remove_deleted(volume_id))
+
+
+def remove_deleted(volume_id: str) -> Any:
+    """The row of a volume whose storage is gone: only while still `deleting` and without attachments."""
+    return delete(Volume).where(
+        Volume.id == volume_id,  # type: ignore[arg-type]
+        Volume.status == VolumeStatus.DELETING,  # type: ignore[arg-type]
+        ~exists().where(Attachment.volume_id == Volume.id),
+    )

@@ -38,6 +38,7 @@ CONNECTION_INFO_KEYS = {
     "access_mode",
     "encrypted",
     "qos_specs",
+    "cacheable",
     "attachment_id",
     "enforce_multipath",
 }

@@ -56,6 +56,7 @@ def assert_connection_info(info: dict[str, Any], *, volume_id: str, attachment_i
     assert info["access_mode"] == mode
     assert info["encrypted"] is False
     assert info["qos_specs"] is None
+    assert info["cacheable"] is False  # as Cinder's: os-brick and Nova read it
     assert info["enforce_multipath"] is False
 
 
@@ -270,16 +271,18 @@ async def test_delete_recomputes_the_volume_from_the_remaining_attachments(api: 
     attached = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("h1"))
     await complete(api, attached["id"])
     assert await volume_state(api, volume["id"]) == ("in-use", "attached")
-    # a reserve moves even an in-use multiattach volume to reserved (as Cinder does); a connect recomputes
-    attaching = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("h2"))
-    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
+    # a reserve moves even an in-use multiattach volume to reserved (as Cinder does); a connect of a second
+    # attachment puts it in attaching (SPEC 5's table), and os-complete back in use
     reserved = await reserve(api, volume["id"], instance_uuid=new_uuid())
     assert await volume_state(api, volume["id"]) == ("reserved", "reserved")
+    attaching = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("h2"))
+    assert await volume_state(api, volume["id"]) == ("attaching", "attaching")
+    fault(await create_attachment(api, volume["id"], instance_uuid=new_uuid()), 400)
 
     remaining = await remove(api, attached["id"])
     assert remaining == [
         {"id": a["id"], "status": s, "instance": a["instance"], "volume_id": volume["id"]}
-        for a, s in ((attaching, "attaching"), (reserved, "reserved"))
+        for a, s in ((reserved, "reserved"), (attaching, "attaching"))
     ]
     assert await volume_state(api, volume["id"]) == ("attaching", "attaching")
     assert target(api).acls(volume["id"]) == {initiator("h2")}
@@ -449,18 +452,60 @@ async def test_connecting_a_second_attachment_of_a_non_multiattach_volume_confli
     assert target(api).acls(volume["id"]) == {initiator("source")}
 
 
-async def test_create_with_connector_that_conflicts_leaves_no_trace(api: Api) -> None:
+async def test_update_that_conflicts_leaves_no_trace(api: Api) -> None:
+    """A PUT that would connect a second host to a non-multiattach volume is Cinder's "duplicate connectors"."""
     volume = await api.create_volume()
     instance = new_uuid()
     first = await reserve(api, volume["id"], instance_uuid=instance, connector=connector("source"))
     await complete(api, first["id"])
+    second = await reserve(api, volume["id"], instance_uuid=instance)  # Nova's same-instance exception
 
-    response = await create_attachment(api, volume["id"], instance_uuid=instance, connector=connector("dest"))
+    response = await api.put(f"/attachments/{second['id']}", {"attachment": {"connector": connector("dest")}})
 
-    fault(response, 409)
-    assert [(a["id"], a["status"]) for a in await listed(api)] == [(first["id"], "attached")]
+    assert "duplicate connectors" in fault(response, 409)
+    listed_now = [(a["id"], a["status"]) for a in await listed(api)]
+    assert listed_now == [(second["id"], "reserved"), (first["id"], "attached")]
     assert await volume_state(api, volume["id"]) == ("in-use", "attached")
     assert target(api).acls(volume["id"]) == {initiator("source")}
+
+
+async def test_live_migration_connects_the_destination_beside_the_source(api: Api) -> None:
+    """Nova's live migration (SPEC 5): a create with the destination's connector for the same instance connects
+    while the source's attachment is connected; deleting the source leaves only the destination's access."""
+    volume = await api.create_volume()
+    instance = new_uuid()
+    source = await reserve(api, volume["id"], instance_uuid=instance, connector=connector("source"))
+    await complete(api, source["id"])
+
+    destination = await reserve(api, volume["id"], instance_uuid=instance, connector=connector("dest"))
+
+    assert destination["status"] == "attaching"
+    assert destination["connection_info"]["target_iqn"] == source["connection_info"]["target_iqn"]
+    assert await volume_state(api, volume["id"]) == ("attaching", "attaching")
+    assert target(api).acls(volume["id"]) == {initiator("source"), initiator("dest")}
+    await complete(api, destination["id"])
+    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
+
+    assert [a["id"] for a in await remove(api, source["id"])] == [destination["id"]]
+    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
+    assert target(api).acls(volume["id"]) == {initiator("dest")}
+    assert exported(api, volume["id"])
+
+
+async def test_live_migration_rollback_leaves_the_source_as_it_was(api: Api) -> None:
+    volume = await api.create_volume()
+    instance = new_uuid()
+    source = await reserve(api, volume["id"], instance_uuid=instance, connector=connector("source"))
+    await complete(api, source["id"])
+    before = await show(api, source["id"])
+
+    destination = await reserve(api, volume["id"], instance_uuid=instance, connector=connector("dest"))
+    assert [a["id"] for a in await remove(api, destination["id"])] == [source["id"]]
+
+    assert await show(api, source["id"]) == before
+    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
+    assert target(api).acls(volume["id"]) == {initiator("source")}
+    assert exported(api, volume["id"])
 
 
 # -- connectors --------------------------------------------------------------------------------------
@@ -827,8 +872,10 @@ async def three_attachments(api: Api) -> tuple[dict[str, Any], list[dict[str, An
     volume = await api.create_volume(volume_type=await api.multiattach_type())
     attached = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("l1"))
     await complete(api, attached["id"])
-    attaching = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("l2"))
+    # a connect puts the volume in attaching, where it takes no new reservation (SPEC 5): reserve first
+    attaching = await reserve(api, volume["id"], instance_uuid=new_uuid())
     reserved = await reserve(api, volume["id"], instance_uuid=new_uuid())
+    await connect(api, attaching["id"], connector("l2"))
     return volume, [await show(api, a["id"]) for a in (attached, attaching, reserved)]
 
 

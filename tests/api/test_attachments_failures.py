@@ -164,6 +164,36 @@ async def test_failed_update_on_a_multiattach_volume_keeps_the_other_host(api: A
     assert await volume_state(api, volume["id"]) == ("in-use", "attached")
 
 
+@pytest.mark.parametrize("step", CONNECT_STEPS)
+async def test_failed_reconnect_from_another_host_keeps_the_host_using_it(api: Api, step: str) -> None:
+    """Attached from host1, a PUT with host2's connector fails: host1 keeps its export, ACL and in-use status,
+    and the attachment is exactly as it was (connector, connection_info, status)."""
+    volume = await api.create_volume()
+    attachment = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host1"))
+    await complete(api, attachment["id"])
+    before, stored = await show(api, attachment["id"]), await specs(api, attachment["id"])
+    target(api).faults.fail(step)
+
+    response = await api.put(f"/attachments/{attachment['id']}", {"attachment": {"connector": connector("host2")}})
+
+    backend_fault(response, volume["id"])
+    assert await show(api, attachment["id"]) == before
+    assert await specs(api, attachment["id"]) == stored
+    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
+    assert exported(api, volume["id"])
+    assert target(api).acls(volume["id"]) == {initiator("host1")}
+    # and a reconcile (a worker starting) agrees with what the client sees
+    report = await api.app.state.reconciler.run()
+    assert not report.errors
+    assert target(api).acls(volume["id"]) == {initiator("host1")}
+
+    # once the target works again, the same re-connect moves the attachment to host2 alone
+    moved = await connect(api, attachment["id"], connector("host2"))
+    assert moved["status"] == "attached"
+    assert target(api).acls(volume["id"]) == {initiator("host2")}
+    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
+
+
 # -- delete: error_detaching, and a retry that works -------------------------------------------------
 
 

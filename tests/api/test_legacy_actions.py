@@ -114,6 +114,12 @@ async def classic_attach(api: Api, volume_id: str, conn: dict[str, Any], instanc
     await accepted(api, volume_id, "os-attach", {"instance_uuid": instance, "mountpoint": mountpoint})
 
 
+async def reconcile(api: Api) -> None:
+    """What a worker's start-up (or `tether reconcile`) does to the target, on the running app's backends."""
+    report = await api.app.state.reconciler.run()
+    assert not report.errors, report
+
+
 async def only_attachment_id(api: Api, volume_id: str) -> str:
     (attachment,) = await attachments_of(api, volume_id)
     return str(attachment["id"])
@@ -232,10 +238,19 @@ async def test_live_migration_initializes_the_destination_then_terminates_the_so
 
     data = (await initialize(api, vid, destination))["data"]
     assert data["target_iqn"] == f"{IQN_PREFIX}{vid}"
-    assert await seen(api, vid) == seen_as(
-        "in-use", "attached", [("attached", instance)], {source["initiator"], destination["initiator"]}, exported=True
+    # the destination's attachment of the same instance stands beside the source's until one is terminated
+    both = seen_as(
+        "in-use",
+        "attached",
+        [("attached", instance), ("attached", instance)],
+        {source["initiator"], destination["initiator"]},
+        exported=True,
     )
+    assert await seen(api, vid) == both
+    await reconcile(api)  # reconcile keeps both hosts' access while both attachments live
+    assert await seen(api, vid) == both
     await accepted(api, vid, "os-terminate_connection", {"connector": source})
+    await reconcile(api)
     assert await seen(api, vid) == seen_as(
         "in-use", "attached", [("attached", instance)], {destination["initiator"]}, exported=True
     )
@@ -243,6 +258,51 @@ async def test_live_migration_initializes_the_destination_then_terminates_the_so
     await accepted(api, vid, "os-begin_detaching")
     await accepted(api, vid, "os-terminate_connection", {"connector": destination})
     await accepted(api, vid, "os-detach", {})
+    assert await seen(api, vid) == seen_as("available", "detached", [], set(), exported=False)
+
+
+async def test_live_migration_rollback_terminates_the_destination(api: Api) -> None:
+    """Nova's rollback of a legacy live migration: os-terminate_connection of the destination; the source's
+    attachment, ACL and export are exactly as before, and reconcile agrees."""
+    vid = (await api.create_volume())["id"]
+    source, destination, instance = connector("compute-1"), connector("compute-2"), new_uuid()
+    await classic_attach(api, vid, source, instance, "/dev/vdb")
+    before = await seen(api, vid)
+    (source_attachment,) = await attachments_of(api, vid)
+
+    await initialize(api, vid, destination)
+    await accepted(api, vid, "os-terminate_connection", {"connector": destination})
+
+    assert await seen(api, vid) == before
+    assert await attachments_of(api, vid) == [source_attachment]
+    await reconcile(api)
+    assert await seen(api, vid) == before
+
+
+async def test_reconcile_never_gives_a_terminated_connection_its_access_back(api: Api) -> None:
+    """os-begin_detaching + os-terminate_connection, then a reconcile (a worker starting) before os-detach."""
+    vid = (await api.create_volume())["id"]
+    conn, instance = connector("compute-1"), new_uuid()
+    await classic_attach(api, vid, conn, instance, "/dev/vdb")
+    await accepted(api, vid, "os-begin_detaching")
+    await accepted(api, vid, "os-terminate_connection", {"connector": conn})
+    terminated = seen_as("detaching", "attached", [("attached", instance)], set(), exported=True)
+    assert await seen(api, vid) == terminated
+
+    await reconcile(api)
+    assert await seen(api, vid) == terminated
+
+    # Nova changes its mind (os-roll_detaching) and connects again: the access comes back, and stays
+    await accepted(api, vid, "os-roll_detaching")
+    await initialize(api, vid, conn)
+    await reconcile(api)
+    assert await seen(api, vid) == seen_as(
+        "in-use", "attached", [("attached", instance)], {conn["initiator"]}, exported=True
+    )
+    await accepted(api, vid, "os-begin_detaching")
+    await accepted(api, vid, "os-terminate_connection", {"connector": conn})
+    await accepted(api, vid, "os-detach", {})
+    await reconcile(api)
     assert await seen(api, vid) == seen_as("available", "detached", [], set(), exported=False)
 
 
