@@ -51,6 +51,11 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers > 1:
             raise CLIError("SQLite is single-process; use PostgreSQL (TETHER_DATABASE_URL) for --workers > 1")
         upgrade(settings.database_url)
+    if args.workers > 1 and not settings.distributed_locks:
+        raise CLIError(
+            "TETHER_DISTRIBUTED_LOCKS=false leaves --workers > 1 free to work on one volume at once; "
+            "turn it on or serve with one worker"
+        )
     report = _check(settings)
     if not report.healthy:
         raise CLIError(f"not starting: database {report.database}; backend {report.backend}")
@@ -114,12 +119,21 @@ def _reconcile(_args: argparse.Namespace) -> int:
     from app.services.reconcile import Reconciler
 
     settings = Settings()
+    if "fake" in (settings.volume_backend, settings.target):
+        # the fake backend keeps its volumes and targets in the server's memory: there is nothing here to
+        # compare, and "restoring" exports from this empty copy would only report work that was never needed
+        print(
+            "tether: the fake backend lives in the server's memory, which `tether reconcile` cannot see; "
+            "nothing was changed (the server reconciles its own at start-up)",
+            file=sys.stderr,
+        )
+        return 1
 
     async def go() -> int:
         db = Database(settings.database_url)
         # the servers sharing this database may be running: take each volume's lock as they do
         locks = cross_process_locks(db, settings.distributed_locks)
-        dispatcher = Dispatcher(settings.backend_workers, locks)
+        dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         try:
             report = await Reconciler(db, dispatcher, build_backends(settings), SecretBox(settings.secret_key)).run()
         finally:

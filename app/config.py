@@ -41,8 +41,11 @@ class Settings(BaseSettings):
     reconcile_on_start: bool = True
     # Fernet key or passphrase: CHAP secrets are stored sealed (reconcile seals the ones stored before)
     secret_key: str | None = None
-    # PostgreSQL only: serialise each volume's backend work across every process sharing the database
+    # serialise each volume's backend work across every process sharing the database (PostgreSQL advisory
+    # locks; beside an SQLite database, a lock file shared with `tether reconcile`)
     distributed_locks: bool = True
+    # seconds a request waits for a volume another operation holds before it answers 409
+    lock_timeout: float = Field(default=120.0, gt=0)
 
     @property
     def admin_user_set(self) -> frozenset[str]:

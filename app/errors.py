@@ -14,6 +14,8 @@ FAULT_NAMES = {
     409: "conflictingRequest",
     413: "overLimit",
     415: "badMediaType",
+    422: "unprocessableEntity",
+    503: "serviceUnavailable",
 }
 
 
@@ -104,3 +106,9 @@ class BackendFailure(TetherError):
     """The storage host failed; the message says what was attempted, never the command output."""
 
     code = 500
+
+
+class ServiceUnavailable(TetherError):
+    """Something the request needs is down or was lost mid-way (a lock's connection); nothing half-done stays."""
+
+    code = 503

@@ -17,12 +17,12 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.backends.base import Backends
-from app.backends.dispatch import Dispatcher
+from app.backends.dispatch import Dispatcher, LockLost, LockTimeout
 from app.backends.factory import build_backends
 from app.config import Settings
 from app.db.engine import Database
 from app.db.locks import cross_process_locks
-from app.errors import TetherError, fault_body
+from app.errors import Conflict, ServiceUnavailable, TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
@@ -63,6 +63,16 @@ async def _tether_error(_request: Request, error: Exception) -> JSONResponse:
     if error.code >= 500:
         log.error("request failed: %s", error.message)
     return JSONResponse(error.body(), status_code=error.code)
+
+
+async def _lock_error(_request: Request, error: Exception) -> JSONResponse:
+    """A volume busy past the dispatcher's wait is a 409; a lock lost mid-way (its connection dropped) a 503."""
+    assert isinstance(error, LockTimeout | LockLost)
+    log.warning("%s", error)
+    failure: TetherError = Conflict(f"Volume {error.key} is busy with another operation; try again.")
+    if isinstance(error, LockLost):
+        failure = ServiceUnavailable(f"The lock on volume {error.key} was lost; try again.")
+    return JSONResponse(failure.body(), status_code=failure.code)
 
 
 async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
@@ -141,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
         backends: Backends = build_backends(settings)
         locks = cross_process_locks(db, settings.distributed_locks)
-        dispatcher = Dispatcher(settings.backend_workers, locks)
+        dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         app.state.metrics.watch(dispatcher)
         work = BackgroundWork()
         secrets = SecretBox(settings.secret_key)
@@ -157,7 +167,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.legacy = LegacyService(db, attachment_service)
         app.state.reconciler = Reconciler(db, dispatcher, backends, secrets)
         if settings.reconcile_on_start:
-            await app.state.reconciler.run()
+            try:
+                await app.state.reconciler.run()
+            except Exception:  # a worker always starts: what reconcile could not settle, the next one retries
+                log.exception("reconcile at start-up failed; serving anyway")
         try:
             yield
         finally:
@@ -179,6 +192,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.add_middleware(APIMiddleware)
     app.add_exception_handler(TetherError, _tether_error)
+    app.add_exception_handler(LockTimeout, _lock_error)
+    app.add_exception_handler(LockLost, _lock_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 

@@ -116,3 +116,19 @@ def test_every_option_and_command_has_help_text() -> None:
             else:
                 assert action.help, (parser.prog, action.option_strings)
                 assert action.help != argparse.SUPPRESS, (parser.prog, action.option_strings)
+
+
+def test_several_workers_refuse_to_start_without_cross_process_locks() -> None:
+    env = {"TETHER_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/none", "TETHER_DISTRIBUTED_LOCKS": "false"}
+    result = run("serve", "--workers", "2", env=env)
+    assert result.returncode == 1
+    assert "TETHER_DISTRIBUTED_LOCKS=false" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reconcile_on_the_fake_backend_says_it_cannot_see_the_server(tmp_path: Path) -> None:
+    result = run("reconcile", env={"TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db"})
+    assert result.returncode == 1
+    assert "cannot see" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert "exports_restored" not in result.stdout

@@ -14,6 +14,28 @@ import anyio.to_thread
 T = TypeVar("T")
 
 
+class LockTimeout(Exception):
+    """Another operation held the key (a volume) for longer than the dispatcher waits."""
+
+    def __init__(self, key: str, seconds: float) -> None:
+        super().__init__(f"{key} is busy with another operation (waited {seconds:g} s); try again")
+        self.key = key
+
+
+class LockLost(Exception):
+    """A lock that spans processes was lost while held (its connection dropped): the work holding it stops."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the lock on {key} was lost; the operation stopped and can be retried")
+        self.key = key
+
+
+class Lease(Protocol):
+    """A held lock that can be lost; `check()` raises LockLost once it is."""
+
+    def check(self) -> None: ...
+
+
 class KeyedLocks:
     """asyncio locks created on demand per key and dropped when nobody holds or waits for them."""
 
@@ -21,14 +43,21 @@ class KeyedLocks:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    async def hold(self, key: str, wait: float | None = None) -> AsyncIterator[Lease | None]:
         lock, users = self._locks.get(key, (None, 0))
         if lock is None:
             lock = asyncio.Lock()
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
-                yield
+            try:
+                async with asyncio.timeout(wait):
+                    await lock.acquire()
+            except TimeoutError:
+                raise LockTimeout(key, wait or 0) from None
+            try:
+                yield None
+            finally:
+                lock.release()
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -41,22 +70,31 @@ class KeyedLocks:
 
 
 class Locks(Protocol):
-    def hold(self, key: str) -> AbstractAsyncContextManager[None]: ...
+    def hold(self, key: str, wait: float | None = None) -> AbstractAsyncContextManager[Lease | None]: ...
 
 
 class Runner:
-    """Runs blocking calls in the pool while the caller holds a volume's lock."""
+    """Runs blocking calls in the pool while the caller holds a volume's lock; none once the lock is lost."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, lease: Lease | None = None) -> None:
         self._dispatcher = dispatcher
+        self._lease = lease
+
+    def check(self) -> None:
+        """Raise LockLost if the lock this sequence holds was lost (another process may hold it now)."""
+        if self._lease is not None:
+            self._lease.check()
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        self.check()
         return await self._dispatcher._call(fn, *args)
 
 
 class Dispatcher:
-    def __init__(self, workers: int = 4, locks: Locks | None = None) -> None:
+    def __init__(self, workers: int = 4, locks: Locks | None = None, lock_timeout: float | None = 120.0) -> None:
         self.workers = workers
+        # how long a sequence waits for its volume before it gives up (LockTimeout): nothing waits forever
+        self.lock_timeout = lock_timeout
         self._limiter = anyio.CapacityLimiter(workers)
         # in-process by default; several processes sharing a database pass locks that span them
         self._locks: Locks = locks or KeyedLocks()
@@ -86,8 +124,8 @@ class Dispatcher:
     @asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[Runner]:
         """Hold `key` (a volume id) for a whole sequence of backend calls and state changes."""
-        async with self._locks.hold(key):
-            yield Runner(self)
+        async with self._locks.hold(key, self.lock_timeout) as lease:
+            yield Runner(self, lease)
 
     async def run(self, key: str, fn: Callable[..., T], *args: Any) -> T:
         async with self.exclusive(key) as run:

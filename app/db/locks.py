@@ -1,26 +1,39 @@
-"""Per-volume locks that hold across every Tether process sharing one PostgreSQL database.
+"""Per-volume locks that hold across every Tether process sharing one database.
 
-An in-process lock orders the tasks of this process; a PostgreSQL session advisory lock, taken on a
-dedicated connection that is not from the pool, orders the processes. The lock is taken with
-pg_try_advisory_lock and polled, so one process's connection is never stuck waiting on another
-process while other volumes need it, and no pooled connection is held while backend work runs.
+An in-process lock orders the tasks of this process; across processes:
+- PostgreSQL: a session advisory lock, taken on a dedicated connection that is not from the pool, polled with
+  pg_try_advisory_lock so one process's connection is never stuck waiting on another process while other
+  volumes need it, and no pooled connection is held while backend work runs. PostgreSQL releases a session's
+  locks when its connection drops, so a lost connection *loses* every lock taken on it: each holder gets a
+  lease that says so (the dispatcher's Runner checks it before every backend call, and the work stops with
+  LockLost), and the connection is watched (asyncpg's termination listener, plus a ping while locks are held)
+  so the loss is seen at once, not at the next lock call.
+- SQLite (one server process, plus `tether reconcile` beside it): POSIX byte-range locks on a file next to the
+  database, one byte per key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from app.backends.dispatch import KeyedLocks
+from app.backends.dispatch import KeyedLocks, Lease, LockLost, LockTimeout
 from app.db.engine import Database
 
 log = logging.getLogger("tether.locks")
+
+_POLL_START, _POLL_MAX = 0.002, 0.05
+_PING_EVERY = 1.0  # seconds between pings of the lock connection while any lock is held
 
 
 def advisory_key(key: str) -> int:
@@ -32,48 +45,156 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+class _SessionLease:
+    """Held while the lock connection that took it lives; lost for good once that connection dropped."""
+
+    def __init__(self, locks: AdvisoryLocks, key: str) -> None:
+        self._locks = locks
+        self._key = key
+        self._session = locks.session
+
+    @property
+    def lost(self) -> bool:
+        return self._session != self._locks.session
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLost(self._key)
+
+
 class AdvisoryLocks:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, command_timeout: float = 10.0) -> None:
         self._dsn = asyncpg_dsn(url)
         self._local = KeyedLocks()
         self._connection: Any = None
         self._use = asyncio.Lock()
+        self._command_timeout = command_timeout
+        # which lock connection ("session") the held locks live on: a new one after every drop
+        self.session = 0
+        self._held = 0
+        self._pinger: asyncio.Task[None] | None = None
+
+    def _dropped(self, connection: Any = None) -> None:
+        """The lock connection is gone, and PostgreSQL released every lock it held."""
+        if connection is not None and connection is not self._connection:
+            return  # an old connection's late notice
+        if self._connection is not None:
+            log.error("the advisory-lock connection dropped: %d held lock(s) are lost", self._held)
+        self._connection = None
+        self.session += 1
 
     async def _fetch(self, sql: str, key: int) -> bool:
         import asyncpg
 
         async with self._use:
-            for attempt in (1, 2):
-                try:
-                    if self._connection is None or self._connection.is_closed():
-                        self._connection = await asyncpg.connect(self._dsn, timeout=10)
-                    return bool(await self._connection.fetchval(sql, key))
-                except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
-                    # a lost connection also lost its session locks; reconnect once and retry
-                    self._connection = None
-                    if attempt == 2:
-                        raise
-        raise AssertionError("unreachable")
+            try:
+                if self._connection is None or self._connection.is_closed():
+                    if self._connection is not None:
+                        self._dropped()
+                    connection = await asyncpg.connect(self._dsn, timeout=self._command_timeout)
+                    connection.add_termination_listener(self._dropped)
+                    self._connection = connection
+                return bool(await self._connection.fetchval(sql, key, timeout=self._command_timeout))
+            except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+                # a lost connection also lost its session locks: whoever holds one learns it from its lease
+                self._dropped()
+                raise
+
+    async def _ping(self) -> None:
+        """While locks are held, notice a dropped connection within a second (a quiet socket says nothing)."""
+        while self._held:
+            await asyncio.sleep(_PING_EVERY)
+            with contextlib.suppress(Exception):
+                await self._fetch("SELECT $1::bigint", 0)
 
     @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        async with self._local.hold(key):
+    async def hold(self, key: str, wait: float | None = None) -> AsyncIterator[Lease]:
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        async with self._local.hold(key, wait):
             number = advisory_key(key)
-            delay = 0.002
-            while not await self._fetch("SELECT pg_try_advisory_lock($1)", number):
+            delay = _POLL_START
+            while True:
+                # shielded: a try-lock cancelled after PostgreSQL granted it would leak the lock
+                if await asyncio.shield(self._fetch("SELECT pg_try_advisory_lock($1)", number)):
+                    break
+                if deadline is not None and loop.time() >= deadline:
+                    raise LockTimeout(key, wait or 0)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                delay = min(delay * 2, _POLL_MAX)
+            lease = _SessionLease(self, key)
+            self._held += 1
+            if self._pinger is None or self._pinger.done():
+                self._pinger = asyncio.create_task(self._ping())
             try:
-                yield
+                yield lease
             finally:
-                await asyncio.shield(self._fetch("SELECT pg_advisory_unlock($1)", number))
+                self._held -= 1
+                if not lease.lost:
+                    with contextlib.suppress(Exception):  # a drop now frees it anyway
+                        await asyncio.shield(self._fetch("SELECT pg_advisory_unlock($1)", number))
 
     async def close(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
         if self._connection is not None and not self._connection.is_closed():
             await self._connection.close()
         self._connection = None
 
 
-def cross_process_locks(db: Database, enabled: bool) -> AdvisoryLocks | None:
-    """The volumes' locks across processes: none on SQLite (one process) or when turned off."""
-    return None if db.is_sqlite or not enabled else AdvisoryLocks(db.url)
+class FileLocks:
+    """Per-key locks between the processes of one host that share an SQLite database (the server and
+    `tether reconcile`): an exclusive POSIX lock on one byte of `<database>.locks` per key, polled without
+    blocking. POSIX locks belong to the process, so the in-process lock comes first."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._local = KeyedLocks()
+        self._fd: int | None = None
+
+    def _file(self) -> int:
+        if self._fd is None:
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        return self._fd
+
+    @asynccontextmanager
+    async def hold(self, key: str, wait: float | None = None) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        async with self._local.hold(key, wait):
+            offset = advisory_key(key) & (2**62 - 1)
+            delay = _POLL_START
+            while True:
+                try:
+                    fcntl.lockf(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                    break
+                except OSError:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise LockTimeout(key, wait or 0) from None
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _POLL_MAX)
+            try:
+                yield None
+            finally:
+                fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, offset)
+
+    async def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def cross_process_locks(db: Database, enabled: bool) -> AdvisoryLocks | FileLocks | None:
+    """The volumes' locks across processes: advisory locks on PostgreSQL, a lock file beside an SQLite
+    database (none for an in-memory one); none when turned off."""
+    if not enabled:
+        return None
+    if not db.is_sqlite:
+        return AdvisoryLocks(db.url)
+    database = make_url(db.url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return FileLocks(f"{database}.locks")

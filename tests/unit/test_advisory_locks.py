@@ -1,8 +1,17 @@
-"""Per-volume locks across processes: two lock objects have two PostgreSQL sessions, like two workers."""
+"""Per-volume locks across processes: two lock objects have two PostgreSQL sessions, like two workers; the
+SQLite lock file is shared with a real second process."""
 
 import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from app.db.locks import AdvisoryLocks, advisory_key
+import pytest
+
+from app.backends.dispatch import Dispatcher, LockLost, LockTimeout
+from app.db.locks import AdvisoryLocks, FileLocks, advisory_key, asyncpg_dsn
+from tests.conftest import ROOT
 
 
 async def test_a_volume_held_by_one_process_waits_in_another(postgres_url: str) -> None:
@@ -28,15 +37,122 @@ async def _take(locks: AdvisoryLocks, key: str, order: list[str]) -> None:
         order.append(f"{key[-1]} taken")
 
 
-async def test_lock_survives_a_lost_connection(postgres_url: str) -> None:
+async def _terminate(locks: AdvisoryLocks, dsn: str) -> None:
+    """What a network cut or a PostgreSQL restart does to the lock connection."""
+    import asyncpg
+
+    pid = locks._connection.get_server_pid()
+    admin = await asyncpg.connect(asyncpg_dsn(dsn))
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
+async def test_a_lock_lost_with_its_connection_stops_the_work_that_held_it(postgres_url: str) -> None:
+    """PostgreSQL frees a dropped session's locks: the holder must stop, not carry on beside the next holder."""
+    locks, other = AdvisoryLocks(postgres_url), AdvisoryLocks(postgres_url)
+    dispatcher = Dispatcher(1, locks)
+    calls: list[str] = []
+    try:
+        async with dispatcher.exclusive("volume-c") as run:
+            await run(calls.append, "before")
+            await _terminate(locks, postgres_url)
+            # another process gets the volume at once: the lock really is gone
+            async with other.hold("volume-c", wait=5):
+                pass
+            # and the work that held it is told so before its next backend call, within a ping or two
+            for _ in range(50):
+                try:
+                    run.check()
+                except LockLost:
+                    break
+                await asyncio.sleep(0.1)
+            with pytest.raises(LockLost):
+                await run(calls.append, "after")
+        assert calls == ["before"]
+        # the next holder takes it again on a new connection
+        async with dispatcher.exclusive("volume-c") as run:
+            await run(calls.append, "again")
+        assert calls == ["before", "again"]
+    finally:
+        await locks.close()
+        await other.close()
+
+
+async def test_a_lock_lost_while_idle_is_seen_before_any_backend_call(postgres_url: str) -> None:
+    """No lock call in between: the termination is noticed by the connection's own listener."""
     locks = AdvisoryLocks(postgres_url)
     try:
-        async with locks.hold("volume-c"):
-            pass
-        await locks._connection.close()  # the server went away between two operations
-        async with locks.hold("volume-c"):
+        async with locks.hold("volume-d") as lease:
+            await _terminate(locks, postgres_url)
+            for _ in range(50):
+                if lease.lost:  # type: ignore[attr-defined]
+                    break
+                await asyncio.sleep(0.05)
+            with pytest.raises(LockLost):
+                lease.check()
+    finally:
+        await locks.close()
+
+
+async def test_waiting_for_a_held_volume_gives_up(postgres_url: str) -> None:
+    first, second = AdvisoryLocks(postgres_url), AdvisoryLocks(postgres_url)
+    try:
+        async with first.hold("volume-e"):
+            started = time.monotonic()
+            with pytest.raises(LockTimeout):
+                async with second.hold("volume-e", wait=0.3):
+                    pass
+            assert 0.25 < time.monotonic() - started < 3
+        async with second.hold("volume-e", wait=0.3):  # and gets it once it is free
             pass
     finally:
+        await first.close()
+        await second.close()
+
+
+async def test_in_process_waits_give_up_too() -> None:
+    dispatcher = Dispatcher(1, lock_timeout=0.2)
+    async with dispatcher.exclusive("volume-f"):
+        with pytest.raises(LockTimeout):
+            async with dispatcher.exclusive("volume-f"):
+                pass
+
+
+_HOLDER = """
+import asyncio, sys
+from app.db.locks import FileLocks
+
+async def main() -> None:
+    async with FileLocks(sys.argv[1]).hold("volume-g"):
+        print("held", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_locks_span_processes(tmp_path: Path) -> None:
+    """`tether reconcile` beside a server on SQLite: the same volume's lock, held by another process."""
+    path = str(tmp_path / "tether.db.locks")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True
+    )
+    locks = FileLocks(path)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockTimeout):
+            async with locks.hold("volume-g", wait=0.3):
+                pass
+        async with locks.hold("volume-h", wait=0.3):  # other volumes are free
+            pass
+        holder.communicate("", timeout=10)
+        async with locks.hold("volume-g", wait=2):
+            pass
+    finally:
+        holder.kill()
         await locks.close()
 
 
