@@ -182,10 +182,6 @@ def test_attach_and_detach(nova: Nova, tether: Tether) -> None:
     assert seen["attach_status"] == "attached"
     assert list(seen["attachments"]) == [instance]
     assert seen["attachments"][instance]["attachment_id"] == reserved["id"]
-    # Nova passes the device inside the connector; Cinder keeps it, and the host, on the attachment
-    assert seen["attachments"][instance]["mountpoint"] == "/dev/vdb"
-    (as_admin,) = tether.volume_as_admin(volume["id"])["attachments"]
-    assert (as_admin["host_name"], as_admin["device"]) == ("compute-1", "/dev/vdb")
     assert nova.check_attached(seen) is None
     again = nova.attachment_get(reserved["id"])
     assert again["connection_info"]["status"] == "attached"
@@ -201,6 +197,22 @@ def test_attach_and_detach(nova: Nova, tether: Tether) -> None:
     with pytest.raises(DriverError) as gone:
         nova.attachment_get(reserved["id"])
     assert gone.value.kind == "VolumeAttachmentNotFound"
+
+
+@pytest.mark.parametrize("with_create", [False, True], ids=["update", "create-with-connector"])
+def test_the_device_and_host_come_from_novas_connector(nova: Nova, tether: Tether, with_create: bool) -> None:
+    """Nova passes the device name inside the connector (`mountpoint`); Cinder's attachment_update records it
+    and the connector's host on the attachment (volume_attached), so the volume shows where it is attached."""
+    volume = tether.create_volume()
+    instance = str(uuid.uuid4())
+    if with_create:
+        created = nova.attachment_create(volume["id"], instance, connector=host_connector(1), mountpoint="/dev/vdb")
+        nova.attachment_complete(created["id"])
+    else:
+        attach(nova, volume["id"], instance, host=1, device="/dev/vdb")
+    assert nova.get(volume["id"])["attachments"][instance]["mountpoint"] == "/dev/vdb"
+    (as_admin,) = tether.volume_as_admin(volume["id"])["attachments"]
+    assert (as_admin["host_name"], as_admin["device"]) == ("compute-1", "/dev/vdb")
 
 
 def test_attachment_create_with_connector_connects_at_once(nova: Nova, tether: Tether) -> None:
