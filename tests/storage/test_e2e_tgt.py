@@ -326,9 +326,10 @@ def test_multiattach_hosts_and_shared_connections(stack: Stack, api: Caller, tgt
     assert targets(tgtd)[info["target_iqn"]].acls == {B}
 
     # two instances on host C: one host connection, one ACL
+    # (a connect puts the volume in attaching, where it takes no new reservation until os-complete: SPEC 5)
     first = api.attach(volume["id"], connector(C, "host-c"), instance=str(uuid.uuid4()))
-    second = api.attach(volume["id"], connector(C, "host-c"), instance=str(uuid.uuid4()))
     api.complete(first["id"])
+    second = api.attach(volume["id"], connector(C, "host-c"), instance=str(uuid.uuid4()))
     api.complete(second["id"])
     assert second["shared_connections_by_attachment"] == [first["id"]]
     assert api.attachment(first["id"])["shared_connections_by_attachment"] == [second["id"]]

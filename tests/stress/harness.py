@@ -266,6 +266,7 @@ class AttachmentRow:
     status: str
     instance: str | None
     has_info: bool
+    terminated: bool = False  # os-terminate_connection ended its ACL; it keeps the export until os-detach
 
 
 @dataclass
@@ -278,12 +279,16 @@ class Snapshot:
         return [a for a in self.attachments.values() if a.volume_id == volume_id]
 
     def wanted_initiators(self, volume_id: str) -> set[str]:
-        """The initiators tgtd must admit to this volume: those of its connected attachments."""
+        """The initiators tgtd must admit to this volume: those of its connected, not terminated attachments."""
         return {
             self.initiators[a.id]
             for a in self.attachments_of(volume_id)
-            if a.status in CONNECTED and a.id in self.initiators
+            if a.status in CONNECTED and a.id in self.initiators and not a.terminated
         }
+
+    def wants_export(self, volume_id: str) -> bool:
+        """tgtd exports a volume while it has a connected attachment (a terminated one too, until os-detach)."""
+        return any(a.status in CONNECTED for a in self.attachments_of(volume_id))
 
     def counts(self) -> tuple[Counter[str], Counter[str]]:
         return Counter(v.status for v in self.volumes.values()), Counter(a.status for a in self.attachments.values())
@@ -300,8 +305,8 @@ async def snapshot(database: PgDatabase, project: str | None = None) -> Snapshot
             *args,
         )
         attachments = await connection.fetch(
-            "SELECT id, volume_id, attach_status, instance_uuid, connection_info IS NOT NULL AS has_info "
-            f"FROM attachments {where}",
+            "SELECT id, volume_id, attach_status, instance_uuid, connection_info IS NOT NULL AS has_info, "
+            f"terminated FROM attachments {where}",
             *args,
         )
         specs = await connection.fetch(
@@ -321,7 +326,9 @@ async def snapshot(database: PgDatabase, project: str | None = None) -> Snapshot
             for r in volumes
         },
         attachments={
-            r["id"]: AttachmentRow(r["id"], r["volume_id"], r["attach_status"], r["instance_uuid"], r["has_info"])
+            r["id"]: AttachmentRow(
+                r["id"], r["volume_id"], r["attach_status"], r["instance_uuid"], r["has_info"], r["terminated"]
+            )
             for r in attachments
         },
         initiators={r["attachment_id"]: json.loads(r["value"]) for r in specs},
@@ -331,15 +338,19 @@ async def snapshot(database: PgDatabase, project: str | None = None) -> Snapshot
 def allowed_statuses(volume: VolumeRow, attachments: Iterable[AttachmentRow]) -> set[tuple[str, str]]:
     """(status, attach_status) a volume may show at rest, given its live attachments.
 
-    SPEC §5's recompute rule: any attached -> in-use; else attaching; else reserved; none -> available. One
-    more is legal: reserving a multiattach volume moves it (from in-use too) to `reserved`, as Cinder does, and
-    only a later recompute moves it back; so a multiattach volume with a reserved attachment may show reserved.
+    SPEC §5's recompute rule: any attached -> in-use; else attaching; else reserved; none -> available. Two
+    more are legal, as in Cinder: reserving a multiattach volume moves it (from in-use too) to `reserved`, and
+    connecting an attachment that is not attached yet moves the volume to `attaching` (beside an attached one
+    too: a multiattach volume's second host, or Nova's live migration); only a later recompute (os-complete,
+    delete) moves it back. So a volume with a reserved (multiattach) or attaching attachment may show those.
     """
     statuses = {a.status for a in attachments}
     top = next((s for s in ("attached", "attaching") if s in statuses), "reserved" if statuses else None)
     allowed = {RECOMPUTED[top]}
     if volume.multiattach and "reserved" in statuses:
         allowed.add(RECOMPUTED["reserved"])
+    if "attaching" in statuses:
+        allowed.add(RECOMPUTED["attaching"])
     return allowed
 
 
@@ -408,7 +419,7 @@ def check_target(snap: Snapshot, state: TargetState, file_dir: Path, volume_ids:
         volume = snap.volumes.get(volume_id)
         want = snap.wanted_initiators(volume_id) if volume else set()
         target = exported.get(volume_id)
-        if not want:
+        if not (volume and snap.wants_export(volume_id)):
             if target is not None:
                 problems.append(f"volume {volume_id}: no connected attachment, yet tgtd exports it to {target.acls}")
             continue

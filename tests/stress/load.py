@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -39,6 +40,7 @@ from tests.stress.harness import (
 )
 
 OUTSIDER = "iqn.1994-05.com.example:stress-outsider"
+TETHER = str(Path(sys.executable).parent / "tether")
 
 
 class Unanswered(Exception):
@@ -52,6 +54,7 @@ class Legacy:
     volume_id: str
     attachment_id: str
     connector: dict[str, Any]
+    resets: int = 0  # the volume's os-reset_status count when this was made: a reset since took it away
 
 
 @dataclass
@@ -73,6 +76,10 @@ class World:
     legacy_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     operations: Counter[str] = field(default_factory=Counter)  # sequences and operations, once each
     notes: Counter[str] = field(default_factory=Counter)
+    # an admin's client (os-reset_status) and what `tether reconcile` needs to reach the servers' database
+    admin: httpx.AsyncClient | None = None
+    reconcile_env: dict[str, str] | None = None
+    resets: Counter[str] = field(default_factory=Counter)  # volume id -> os-reset_status calls
 
 
 class Client:
@@ -215,10 +222,14 @@ class Client:
     async def volume_churn(self) -> None:
         """Delete a volume (refused while it has attachments); if it goes, a new one of its kind replaces it."""
         volume_id = self.volume()
-        response = await self.must("volume-delete", "DELETE", f"/volumes/{volume_id}")
-        if response.status_code != 202:
+        lock = self.world.legacy_locks[volume_id]
+        if lock.locked():  # a legacy sequence or an admin's reset is at work on it
             return
-        multiattach = self.world.volumes.pop(volume_id)
+        async with lock:
+            response = await self.must("volume-delete", "DELETE", f"/volumes/{volume_id}")
+            if response.status_code != 202:
+                return
+            multiattach = self.world.volumes.pop(volume_id)
         await wait_volume(self.http, volume_id, None)
         (replacement,) = await create_volumes(self.http, 1, self.world.multi_type if multiattach else None)
         self.world.operations["volume-create (replacement)"] += 1
@@ -250,7 +261,7 @@ class Client:
             if len(mine) != 1:
                 self.world.tally.failures.append(f"after os-attach of {instance} on {volume_id}: {found.text}")
                 return
-            self.legacy.append(Legacy(volume_id, mine[0], conn))
+            self.legacy.append(Legacy(volume_id, mine[0], conn, self.world.resets[volume_id]))
 
     async def legacy_detach(self) -> None:
         if not self.legacy:
@@ -261,10 +272,46 @@ class Client:
         begun = await self.action("os-begin_detaching", item.volume_id)
         await self.action("os-terminate_connection", item.volume_id, {"connector": item.connector})
         detached = await self.action("os-detach", item.volume_id, {"attachment_id": item.attachment_id})
-        if detached.status_code != 202:
+        if detached.status_code != 202 and self.world.resets[item.volume_id] != item.resets:
+            self.world.notes["legacy detach refused: an admin's os-reset_status took the attachment"] += 1
+        elif detached.status_code != 202:
             self.world.tally.failures.append(f"os-detach of {item.attachment_id} (own, attached): {detached.text}")
             if begun.status_code == 202:
                 await self.action("os-roll_detaching", item.volume_id)
+
+    # -- an operator at work beside the clients ---------------------------------------------------------------
+
+    async def reset(self) -> None:
+        """An admin's os-reset_status to available/detached: every attachment goes, and its export with it."""
+        if self.world.admin is None:
+            return
+        volume_id = self.volume()
+        lock = self.world.legacy_locks[volume_id]
+        if lock.locked():  # never in the middle of a legacy attach the clients finish (or a volume delete)
+            self.world.notes["reset skipped: a legacy attach in progress on the volume"] += 1
+            return
+        async with lock:
+            self.world.resets[volume_id] += 1
+            body = {"os-reset_status": {"status": "available", "attach_status": "detached"}}
+            response = await self.world.admin.post(f"/volumes/{volume_id}/action", json=body)
+            self.world.tally.record("reset", response)
+
+    async def reconcile(self) -> None:
+        """`tether reconcile` while the clients go on: it takes each volume's lock as the servers do, so it
+        never rolls back a connect in flight nor removes an ACL the database still wants."""
+        if self.world.reconcile_env is None:
+            return
+        process = await asyncio.create_subprocess_exec(
+            TETHER,
+            "reconcile",
+            env=self.world.reconcile_env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await process.communicate()
+        self.world.notes[f"tether reconcile exited {process.returncode}"] += 1
+        if process.returncode != 0:
+            self.world.tally.failures.append(f"tether reconcile exited {process.returncode}: {out.decode()[-2000:]}")
 
 
 OPERATIONS = {
@@ -278,6 +325,8 @@ OPERATIONS = {
     "list": Client.list_attachments,
     "show": Client.show,
     "volume-churn": Client.volume_churn,
+    "reset": Client.reset,
+    "reconcile": Client.reconcile,
 }
 
 
@@ -312,7 +361,11 @@ async def logins(http: httpx.AsyncClient, pg: PgDatabase, project: str, sample: 
     exported = sorted(v for v in snap.volumes if snap.wanted_initiators(v))
     for volume_id in exported[:sample]:
         attachment = min(
-            (a for a in snap.attachments_of(volume_id) if a.status in CONNECTED and a.id in snap.initiators),
+            (
+                a
+                for a in snap.attachments_of(volume_id)
+                if a.status in CONNECTED and a.id in snap.initiators and not a.terminated
+            ),
             key=lambda a: a.id,
         )
         response = await http.get(f"/attachments/{attachment.id}")

@@ -5,7 +5,10 @@ the database, tgtd and the volume directory must agree exactly.
 Each client draws from its own seeded random stream: create (with and without a connector), update,
 os-complete, delete, the legacy attach sequence (os-reserve, os-initialize_connection, os-attach) and detach
 sequence (os-begin_detaching, os-terminate_connection, os-detach), lists, shows, and now and then a volume
-delete (mostly refused: attached) followed by a replacement volume. A few mutating requests are abandoned
+delete (mostly refused: attached) followed by a replacement volume; beside them an operator now and then
+resets a volume (an admin's os-reset_status to available/detached, which takes every attachment and its
+export) and runs `tether reconcile` in the middle of everything, legacy sequences included (it takes each
+volume's lock as the servers do). A few mutating requests are abandoned
 by the client mid-flight (a short timeout), as a Nova that gave up would. 4xx answers are races, expected
 and counted; a 5xx, another code, a request without an answer, a traceback in the server log, or a write
 whose answer does not show the state after it (SPEC §9: a connect answers attaching/attached with its
@@ -58,7 +61,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import ROOT, Server
 from tests.storage.tgtd import TgtDaemon
 from tests.stress.harness import (
     PgDatabase,
@@ -96,6 +99,8 @@ WEIGHTS = {
     "list": 3,
     "show": 3,
     "volume-churn": 2,
+    "reset": 1,
+    "reconcile": 1,
 }
 
 
@@ -120,14 +125,17 @@ async def test_torture(tgtd: TgtDaemon, pg: PgDatabase, tmp_path: Path, capsys: 
             weights=WEIGHTS,
             initiators=INITIATORS,
             abandon=ABANDON,
+            admin=http_client(server, "admin", "admin"),
+            reconcile_env={**server.env, "PYTHONPATH": str(ROOT)},
         )
         https = [http_client(server, project) for _ in range(CLIENTS)]
         load_started = time.monotonic()
         try:
             await asyncio.gather(*(Client(n, world, http).run() for n, http in enumerate(https)))
         finally:
-            for http in https:
-                await http.aclose()
+            for http in [*https, world.admin]:
+                if http is not None:
+                    await http.aclose()
         load_seconds = time.monotonic() - load_started
 
         verdict = await verify(server, pg, project, tgtd, file_dir)
