@@ -495,7 +495,7 @@ class AttachmentService:
             )
         if claimed.replaced:
             try:
-                await release(self.db, run, self.backends.target, volume.id, [claimed.replaced], other_than=None)
+                await release(self.db, run, self.backends.target, volume.id, [claimed.replaced])
             except BackendError as error:  # reconcile removes it later: the database no longer wants it
                 log.error("removing the replaced ACL of volume %s failed: %s", volume.id, error)
         return result
@@ -508,7 +508,7 @@ class AttachmentService:
             await lock_volume(session, volume_id)
             await claimed.undo(session)
         try:
-            await release(self.db, run, self.backends.target, volume_id, [initiator], other_than=None)
+            await release(self.db, run, self.backends.target, volume_id, [initiator])
         except BackendError as error:
             log.error("cleaning up after a failed connect of volume %s failed: %s", volume_id, error)
 

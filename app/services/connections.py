@@ -1,10 +1,10 @@
 """The connection plan: who shares an initiator's ACL, what a connect exports, what a teardown may remove.
 
 One volume has one export (target) while it has a connected attachment, and one ACL per connected
-initiator. Attachments whose connectors name the same initiator share that ACL. Every face (the attachments
-API, the legacy actions, reconcile) tears down through `teardown()`: an ACL goes only when no connected
-attachment still uses it, the export only when no connected attachment is left (os-terminate_connection
-ends an attachment's ACL, os-detach its export).
+initiator. Attachments whose connectors name the same initiator share that ACL. Both faces (the attachments
+API, the legacy actions) tear down through `teardown()`: an ACL goes only when no connected attachment still
+uses it, the export only when no connected attachment is left (os-terminate_connection ends an attachment's
+ACL, os-detach its export). Reconcile compares the target itself with what the database wants.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, false, insert, select
+from sqlalchemy import and_, bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backends.base import Chap, ExportInfo, Target, VolumeRef
@@ -35,11 +35,11 @@ _CHAP_ALPHABET = string.ascii_letters + string.digits
 _DELETE_SPECS = delete(S).where(S.c.attachment_id == bindparam("attachment_id"))
 _INSERT_SPECS = insert(S)
 _SPECS_OF = select(S.c.key, S.c.value).where(S.c.attachment_id == bindparam("attachment_id"))
-# the volume's connected attachments that use an ACL (os-terminate_connection removed the others'), by initiator
-_USERS = (
-    select(A.c.id, S.c.value)
+# the volume's connected attachments by initiator, oldest first (with `terminated`: whether the ACL is still theirs)
+_CONNECTED_INITIATORS = (
+    select(A.c.id, S.c.value, A.c.terminated)
     .select_from(A.join(S, and_(S.c.attachment_id == A.c.id, S.c.key == "initiator")))
-    .where(A.c.volume_id == bindparam("volume_id"), one_of(A.c.attach_status, CONNECTED), A.c.terminated == false())
+    .where(A.c.volume_id == bindparam("volume_id"), one_of(A.c.attach_status, CONNECTED))
     .order_by(A.c.created_at)
 )
 
@@ -83,15 +83,11 @@ async def store_connector(
         await session.execute(_INSERT_SPECS, rows)
 
 
-async def users(session: AsyncSession, volume_id: str) -> list[tuple[str, str]]:
-    """(attachment id, initiator) of each connected attachment of the volume that uses an ACL, oldest first."""
-    rows = await session.execute(_USERS, {"volume_id": volume_id})
-    return [(attachment_id, json.loads(value)) for attachment_id, value in rows.all()]
-
-
-async def sharing(session: AsyncSession, volume_id: str, initiator: str, other_than: str) -> list[str]:
-    """Ids of the volume's other connected attachments that use the same initiator's ACL."""
-    return [a for a, i in await users(session, volume_id) if i == initiator and a != other_than]
+async def users(session: AsyncSession, volume_id: str, *, terminated: bool = False) -> list[tuple[str, str]]:
+    """(attachment id, initiator) of each connected attachment of the volume that uses an ACL, oldest first;
+    `terminated`: also those whose ACL os-terminate_connection ended (they stay attached until os-detach)."""
+    rows = await session.execute(_CONNECTED_INITIATORS, {"volume_id": volume_id})
+    return [(a, json.loads(value)) for a, value, ended in rows.all() if terminated or not ended]
 
 
 async def shared_map(session: AsyncSession, attachments: list[Attachment]) -> dict[str, list[str]]:
@@ -173,10 +169,9 @@ def teardown(volume_id: str, rows: Sequence[Any], initiators: Iterable[str], *, 
     return Teardown(volume_id, dropped, export=not connected)
 
 
-async def release(
-    db: Database, run: Runner, target: Target, volume_id: str, initiators: Iterable[str], *, other_than: str | None
-) -> None:
-    """Make the target lose what the database no longer needs of `initiators` (call under the volume's lock)."""
+async def release(db: Database, run: Runner, target: Target, volume_id: str, initiators: Iterable[str]) -> None:
+    """Make the target lose what the database, as committed, no longer needs of `initiators` (call under the
+    volume's lock)."""
     async with db.read() as session:
         rows = (await session.execute(INITIATORS, {"volume_id": volume_id})).all()
-    await teardown(volume_id, rows, initiators, other_than=other_than).apply(run, target)
+    await teardown(volume_id, rows, initiators, other_than=None).apply(run, target)

@@ -10,7 +10,6 @@ exactly the access this face granted.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,13 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import Context
 from app.backends.base import BackendError
 from app.db.engine import Database
-from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
+from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, utcnow
 from app.errors import BackendFailure, Forbidden, InvalidAttachment, InvalidInput, InvalidVolume
 from app.services.attachments import AttachmentRecord, AttachmentService, Claim, effective_mode, shielded
 from app.services.connections import release, store_connector, users
 from app.services.transitions import (
     ATTACHMENTS_OF,
-    CONNECTED,
     DELETE_ATTACHMENT,
     INSERT_ATTACHMENT,
     columns_of,
@@ -115,7 +113,7 @@ class LegacyService:
                 .limit(1)
             )
             pending = pending or next(
-                (a for a, i in await self._connected_initiators(session, volume_id) if i == initiator), None
+                (a for a, i in await users(session, volume_id, terminated=True) if i == initiator), None
             )
             source = pending or await session.scalar(
                 select(Attachment.id)
@@ -138,21 +136,6 @@ class LegacyService:
             return await self.attachments.claim_new(session, ctx, volume_id, None, None, checked, legacy=True)
 
         return await self.attachments.connect_exclusive(volume_id, claim, checked)
-
-    @staticmethod
-    async def _connected_initiators(session: AsyncSession, volume_id: str) -> list[tuple[str, str]]:
-        """(attachment, initiator) of every connected attachment, those os-terminate_connection ended included."""
-        rows = await session.execute(
-            select(Attachment.id, AttachmentSpec.value)
-            .join(AttachmentSpec, AttachmentSpec.attachment_id == Attachment.id)  # type: ignore[arg-type]
-            .where(
-                Attachment.volume_id == volume_id,
-                Attachment.attach_status.in_(CONNECTED),  # type: ignore[attr-defined]
-                AttachmentSpec.key == "initiator",
-            )
-            .order_by(Attachment.created_at)  # type: ignore[arg-type]
-        )
-        return [(a, json.loads(v)) for a, v in rows.all()]
 
     async def _claim_destination(
         self, session: AsyncSession, ctx: Context, source_id: str, connector: Mapping[str, Any]
@@ -284,7 +267,7 @@ class LegacyService:
                             .values(terminated=true(), updated_at=utcnow())
                         )
                 try:
-                    await release(self.db, run, self.backends.target, volume.id, [initiator], other_than=None)
+                    await release(self.db, run, self.backends.target, volume.id, [initiator])
                 except BackendError as error:
                     log.error("terminating the connection of volume %s failed: %s", volume.id, error)
                     raise BackendFailure(f"Unable to terminate the connection of volume {volume.id}.") from None
