@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     distributed_locks: bool = True
     # seconds a request waits for a volume another operation holds before it answers 409
     lock_timeout: float = Field(default=120.0, gt=0)
+    # SPEC 12: seconds a keyed POST's answer is kept for its retries (then swept, and the key is free again)
+    idempotency_ttl: float = Field(default=86400.0, gt=0)
+    # seconds after which a reservation nobody connected is removed; 0 = never (Nova keeps a shelved-offloaded
+    # server's attachments reserved for as long as it is shelved)
+    reservation_ttl: float = Field(default=0.0, ge=0)
+    # seconds between two sweeps (expired reservations and idempotency keys); at most 10, the lease's promise
+    sweep_interval: float = Field(default=5.0, gt=0, le=10)
 
     @property
     def admin_user_set(self) -> frozenset[str]:

@@ -97,6 +97,13 @@ class Conflict(TetherError):
     message = "Conflict."
 
 
+class UnprocessableEntity(TetherError):
+    """A request the server understood but will not run: an Idempotency-Key reused for another request."""
+
+    code = 422
+    message = "The request cannot be processed."
+
+
 class OverLimit(TetherError):
     code = 413
     message = "Request body is too large."

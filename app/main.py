@@ -28,6 +28,7 @@ from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
 from app.routers import (
     attachments,
+    idempotency,
     operations,
     scheduler_stats,
     types,
@@ -39,8 +40,10 @@ from app.routers import (
 from app.routers.deps import project_path, storable_input, version_header
 from app.secrets import SecretBox
 from app.services.attachments import AttachmentService
+from app.services.idempotency import Idempotency, Replayed
 from app.services.legacy import LegacyService
 from app.services.reconcile import Reconciler
+from app.services.sweeper import Sweeper
 from app.services.types import VolumeTypeService
 from app.services.volume_metadata import VolumeMetadataService
 from app.services.volumes import VolumeService
@@ -109,7 +112,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         )
         for operations in spec["paths"].values():
             for operation in operations.values():
-                operation["responses"].pop("422", None)
+                # FastAPI's own 422 (request validation); a 422 fault of ours (SPEC 12) stays
+                if "HTTPValidationError" in str(operation["responses"].get("422")):
+                    operation["responses"].pop("422")
         for unused in ("HTTPValidationError", "ValidationError"):
             spec.get("components", {}).get("schemas", {}).pop(unused, None)
         app.openapi_schema = spec
@@ -166,14 +171,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.attachments = attachment_service
         app.state.legacy = LegacyService(db, attachment_service)
         app.state.reconciler = Reconciler(db, dispatcher, backends, secrets)
+        app.state.idempotency = Idempotency(db, secrets, settings.idempotency_ttl)
+        sweeper = Sweeper(
+            db,
+            app.state.idempotency,
+            reservation_ttl=settings.reservation_ttl,
+            interval=settings.sweep_interval,
+            forget=attachment_service.forget,
+            observe=lambda report: app.state.metrics.observe_expired(len(report.reservations)),
+        )
+        app.state.sweeper = sweeper
         if settings.reconcile_on_start:
             try:
                 await app.state.reconciler.run()
             except Exception:  # a worker always starts: what reconcile could not settle, the next one retries
                 log.exception("reconcile at start-up failed; serving anyway")
+        sweeper.start()
         try:
             yield
         finally:
+            await sweeper.stop()
             await work.idle()
             if locks is not None:
                 await locks.close()
@@ -194,6 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(TetherError, _tether_error)
     app.add_exception_handler(LockTimeout, _lock_error)
     app.add_exception_handler(LockLost, _lock_error)
+    app.add_exception_handler(Replayed, idempotency.replay)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests per route, backend operations, the dispatcher, resources by status."""
+"""Prometheus metrics: requests per route, backend operations, the dispatcher, resources by status, replayed
+requests and expired reservations."""
 
 from __future__ import annotations
 
@@ -46,6 +47,19 @@ class Metrics:
         self.busy_workers = Gauge("tether_dispatcher_busy_workers", "Workers running a call.", registry=self.registry)
         self.volumes = Gauge("tether_volumes", "Volumes by status.", ["status"], registry=self.registry)
         self.attachments = Gauge("tether_attachments", "Attachments by status.", ["status"], registry=self.registry)
+        self.replays = Counter(
+            "tether_idempotent_replays",
+            "Requests answered with the stored answer to their Idempotency-Key, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
+        for operation in ("create_volume", "create_attachment"):  # the two keyed operations, shown from 0
+            self.replays.labels(operation)
+        self.expired_reservations = Counter(
+            "tether_reservations_expired",
+            "Reservations removed by the lease (TETHER_RESERVATION_TTL) in this process's sweeps.",
+            registry=self.registry,
+        )
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -55,6 +69,12 @@ class Metrics:
         self.backend_duration.labels(operation).observe(seconds)
         if failed:
             self.backend_failures.labels(operation).inc()
+
+    def observe_replay(self, operation: str) -> None:
+        self.replays.labels(operation).inc()
+
+    def observe_expired(self, count: int) -> None:
+        self.expired_reservations.inc(count)
 
     def watch(self, dispatcher: Dispatcher) -> None:
         dispatcher.observers.append(self.observe_backend)

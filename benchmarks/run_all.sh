@@ -27,6 +27,11 @@ echo "## real export cost (file + tgt, private tgtd; needs root, tgt and libiscs
 fresh_db
 $PY -m benchmarks.export_cost --rounds 50 --db "$TETHER_DATABASE_URL"
 
+echo "## Idempotency-Key: a replay next to a fresh request"
+fresh_db; serve "$ROOT" 1
+$PY -m benchmarks.idempotency_cost --base $BASE --server-pid "$SERVER"
+stop
+
 echo "## list latency against table size"
 fresh_db; serve "$ROOT" 1
 $PY -m benchmarks.list_scale --base $BASE --db postgresql://postgres@127.0.0.1:5432/tether_bench

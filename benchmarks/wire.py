@@ -38,11 +38,14 @@ class Connection:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         return self.reader, self.writer
 
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """Sends one request; returns (status, parsed JSON body or None)."""
+    async def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        """Sends one request (with `headers` besides the connection's own); returns (status, parsed JSON or None)."""
         reader, writer = await self._open()
         payload = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {path} HTTP/1.1\r\n{self.fixed}Content-Length: {len(payload)}\r\n"
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        head = f"{method} {path} HTTP/1.1\r\n{self.fixed}{extra}Content-Length: {len(payload)}\r\n"
         if payload:
             head += "Content-Type: application/json\r\n"
         writer.write(head.encode() + b"\r\n" + payload)

@@ -10,6 +10,8 @@ An in-process lock orders the tasks of this process; across processes:
   so the loss is seen at once, not at the next lock call.
 - SQLite (one server process, plus `tether reconcile` beside it): POSIX byte-range locks on a file next to the
   database, one byte per key.
+
+A periodic job that one process at a time should run (the sweep) takes its turn with `sole_turn()`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.backends.dispatch import KeyedLocks, Lease, LockLost, LockTimeout
@@ -198,3 +201,21 @@ def cross_process_locks(db: Database, enabled: bool) -> AdvisoryLocks | FileLock
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return FileLocks(f"{database}.locks")
+
+
+_TRY_TURN = text("SELECT pg_try_advisory_xact_lock(:key)")
+
+
+@asynccontextmanager
+async def sole_turn(db: Database, name: str) -> AsyncIterator[bool]:
+    """Whether this process has the turn, for the block, at a job one process at a time runs (a periodic sweep).
+
+    PostgreSQL: a transaction-scoped advisory lock, tried (never waited for) on a connection of its own whose
+    transaction stays open for the block; PostgreSQL frees it when that transaction ends or its connection drops,
+    so a process that dies mid-turn never keeps it from the others. SQLite has one serving process: always yes.
+    """
+    if db.is_sqlite:
+        yield True
+        return
+    async with db.engine.connect() as connection, connection.begin():
+        yield bool(await connection.scalar(_TRY_TURN, {"key": advisory_key(name)}))

@@ -1,4 +1,5 @@
-"""Tables: volumes, their metadata and types, attachments and the connector rows of each attachment."""
+"""Tables: volumes, their metadata and types, attachments, the connector rows of each attachment, and the
+Idempotency-Key answers."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from uuid import uuid4
 
-from sqlalchemy import Boolean, Column, ForeignKey, Index, String, Text, false
+from sqlalchemy import Boolean, Column, ForeignKey, Index, String, Text, false, text
 from sqlmodel import Field, SQLModel
 
 
@@ -113,6 +114,13 @@ class Attachment(SQLModel, table=True):
         Index("ix_attachments_project_created", "project_id", "created_at", "id"),
         Index("ix_attachments_created", "created_at", "id"),
         Index("ix_attachments_volume_status", "volume_id", "attach_status"),
+        # the reservation lease's sweep (SPEC 12): only the reserved rows, oldest first
+        Index(
+            "ix_attachments_reserved_created",
+            "created_at",
+            postgresql_where=text("attach_status = 'reserved'"),
+            sqlite_where=text("attach_status = 'reserved'"),
+        ),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
@@ -144,3 +152,30 @@ class AttachmentSpec(SQLModel, table=True):
     )
     key: str = Field(primary_key=True, max_length=255)
     value: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class KeyStatus(StrEnum):
+    IN_FLIGHT = "in_flight"
+    DONE = "done"
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A keyed POST of one project (SPEC 12): what it asked (the fingerprint) and the answer it got.
+
+    Written in the transaction of the state change it answers; `in_flight` while a connect spans transactions.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    project_id: str = Field(primary_key=True, max_length=255)
+    key: str = Field(primary_key=True, max_length=255)
+    # sha256 of the operation, the microversion, the user and the canonical JSON body
+    fingerprint: str = Field(max_length=64)
+    status: str = Field(default=KeyStatus.IN_FLIGHT, max_length=16)
+    # the volume or attachment the request made
+    resource_id: str | None = Field(default=None, max_length=36)
+    response_status: int | None = None
+    # the response's JSON body, sealed like the CHAP secrets when TETHER_SECRET_KEY is set
+    response_body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(index=True)

@@ -12,9 +12,10 @@ from app.errors import BadRequest, InvalidInput, NotFound
 from app.routers import views
 from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
 from app.routers.docs import faults, list_query, since
+from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import AttachmentActionRequest, AttachmentCreateRequest, AttachmentUpdateRequest
 from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
-from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS
+from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS, AttachmentRecord
 from app.services.listing import parse_list_params
 
 router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[min_version(mv.NEW_ATTACH)])
@@ -25,19 +26,28 @@ router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[mi
     operation_id="create_attachment",
     summary="Reserve a volume, and connect it when a connector is given",
     response_model=AttachmentEnvelope,
-    responses=faults(404, 409),
+    responses=faults(404, 409, 422),
     openapi_extra=since(mv.NEW_ATTACH),
 )
 async def create_attachment(
-    body: AttachmentCreateRequest, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep
+    body: AttachmentCreateRequest, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, key: IdempotencyDep
 ) -> JSONResponse:
     spec = body.attachment
     if "mode" in spec.model_fields_set and version < mv.ATTACHMENT_CREATE_MODE_ARG:
         raise InvalidInput("Invalid input for field/attribute attachment.mode: it needs microversion 3.54 or later.")
     record = await svc.create(
-        ctx, volume_id=spec.volume_uuid, instance_uuid=spec.instance_uuid, connector=spec.connector, mode=spec.mode
+        ctx,
+        volume_id=spec.volume_uuid,
+        instance_uuid=spec.instance_uuid,
+        connector=spec.connector,
+        mode=spec.mode,
+        idempotency=key.answer(200, _envelope) if key else None,
     )
-    return views.reply({"attachment": views.attachment_detail(record)})
+    return views.reply(_envelope(record))
+
+
+def _envelope(record: AttachmentRecord) -> dict[str, Any]:
+    return {"attachment": views.attachment_detail(record)}
 
 
 async def _list(

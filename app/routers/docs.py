@@ -17,8 +17,9 @@ _DESCRIPTIONS = {
     403: "Not allowed for this caller",
     404: "Not found, another project's, or below the operation's microversion",
     406: "Microversion outside 3.0-3.71",
-    409: "Conflict with the resource's state",
+    409: "Conflict with the resource's state, or a request with this Idempotency-Key still in progress",
     413: "Body over 1 MiB",
+    422: "The Idempotency-Key was used for a different request",
     500: "Backend or unexpected failure (no internals in the message)",
 }
 

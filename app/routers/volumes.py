@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -10,10 +12,11 @@ from app.errors import InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, VersionDep, VolumesDep
 from app.routers.docs import faults, list_query, since
+from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import VolumeCreate, VolumeCreateRequest, VolumeUpdateRequest
 from app.schemas.responses import VolumeDetailList, VolumeEnvelope, VolumeList
 from app.services.listing import parse_bool, parse_list_params
-from app.services.volumes import VOLUME_FILTERS, VOLUME_SORT_KEYS
+from app.services.volumes import VOLUME_FILTERS, VOLUME_SORT_KEYS, VolumeRecord
 
 router = APIRouter(prefix="/volumes", tags=["volumes"])
 
@@ -56,17 +59,27 @@ def _refuse_extra(version: mv.APIVersion, *models: object) -> None:
     operation_id="create_volume",
     summary="Create a volume",
     response_model=VolumeEnvelope,
-    responses=faults(404),
+    responses=faults(404, 409, 422),
     openapi_extra=since(),
 )
 async def create_volume(
-    request: Request, body: VolumeCreateRequest, ctx: CallerDep, version: VersionDep, svc: VolumesDep
+    request: Request,
+    body: VolumeCreateRequest,
+    ctx: CallerDep,
+    version: VersionDep,
+    svc: VolumesDep,
+    key: IdempotencyDep,
 ) -> JSONResponse:
     spec = body.volume
     _refuse_extra(version, body, spec)
     if "multiattach" in (spec.model_extra or {}):
         raise InvalidInput("multiattach is set by the volume type, not in the request body.")
     _refuse_unsupported(spec)
+    base = _base(request)
+
+    def render(record: VolumeRecord) -> dict[str, Any]:
+        return {"volume": views.volume_detail(record, version, ctx, base)}
+
     record = await svc.create(
         ctx,
         size=spec.size,
@@ -75,8 +88,9 @@ async def create_volume(
         volume_type=spec.volume_type,
         metadata=spec.metadata,
         availability_zone=spec.availability_zone,
+        idempotency=key.answer(202, render) if key else None,
     )
-    return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))}, 202)
+    return views.reply(render(record), 202)
 
 
 async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, detail: bool) -> JSONResponse:

@@ -46,6 +46,7 @@ from app.services.connections import (
     store_connector,
     teardown,
 )
+from app.services.idempotency import Answer
 from app.services.listing import ListParams, Page, apply_order, keyset_after
 from app.services.transitions import (
     ATTACHMENT_BY_ID,
@@ -303,11 +304,17 @@ class AttachmentService:
         instance_uuid: str | None = None,
         mode: str | None = None,
         legacy: bool = False,
+        idempotency: Answer[AttachmentRecord] | None = None,
     ) -> AttachmentRecord:
         async with self.db.write() as session:
+            if idempotency is not None:
+                await idempotency.claim(session)
             attachment, _volume = await self._reserve(session, ctx, volume_id, instance_uuid, mode, legacy=legacy)
+            record = AttachmentRecord(attachment, secrets=self.secrets)
+            if idempotency is not None:
+                await idempotency.complete(session, record, attachment.id)
         self._remember(attachment.id, attachment.volume_id, attachment.project_id)
-        return AttachmentRecord(attachment, secrets=self.secrets)
+        return record
 
     async def create(
         self,
@@ -317,18 +324,39 @@ class AttachmentService:
         instance_uuid: str | None = None,
         connector: Mapping[str, Any] | None = None,
         mode: str | None = None,
+        idempotency: Answer[AttachmentRecord] | None = None,
     ) -> AttachmentRecord:
         """Reserve; with a connector also connect in the same call (the bare-metal path, and Nova's live
-        migration: the destination host's attachment of the same instance connects beside the source's)."""
+        migration: the destination host's attachment of the same instance connects beside the source's).
+
+        `idempotency`: the request's key. Claimed in the reservation's transaction and answered in it; with a
+        connector it commits in flight with the claim, is answered with the record, and an undo removes it.
+        """
         bind(volume_id=volume_id)
+        if idempotency is not None:
+            await idempotency.check()  # a retry of an answered request is answered before any write
         if not connector:
-            return await self.reserve(ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode)
+            return await self.reserve(
+                ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode, idempotency=idempotency
+            )
         checked = self.validate_connector(connector)
 
         async def claim(session: AsyncSession) -> Claim:
-            return await self.claim_new(session, ctx, volume_id, instance_uuid, mode, checked)
+            if idempotency is None:
+                return await self.claim_new(session, ctx, volume_id, instance_uuid, mode, checked)
+            await idempotency.claim(session)
+            claimed = await self.claim_new(session, ctx, volume_id, instance_uuid, mode, checked)
+            await idempotency.link(session, claimed.attachment.id)
+            undo = claimed.undo
 
-        return await self.connect_exclusive(volume_id, claim, checked)
+            async def undo_with_key(session: AsyncSession) -> None:
+                await undo(session)
+                await idempotency.release(session)
+
+            claimed.undo = undo_with_key
+            return claimed
+
+        return await self.connect_exclusive(volume_id, claim, checked, idempotency=idempotency)
 
     # -- connect --------------------------------------------------------------------------------
 
@@ -341,10 +369,17 @@ class AttachmentService:
 
         return await self.connect_exclusive(volume_id, claim, checked)
 
-    async def connect_exclusive(self, volume_id: str, claim: Claimer, connector: dict[str, Any]) -> AttachmentRecord:
+    async def connect_exclusive(
+        self,
+        volume_id: str,
+        claim: Claimer,
+        connector: dict[str, Any],
+        *,
+        idempotency: Answer[AttachmentRecord] | None = None,
+    ) -> AttachmentRecord:
         async def work() -> AttachmentRecord:
             async with self.dispatcher.exclusive(volume_id) as run:
-                return await self.connect_claimed(claim, connector, run)
+                return await self.connect_claimed(claim, connector, run, idempotency=idempotency)
 
         return await shielded(work)
 
@@ -453,8 +488,18 @@ class AttachmentService:
 
         return Claim(attachment, volume, chap, mode, undo, replaced)
 
-    async def connect_claimed(self, claim: Claimer, connector: dict[str, Any], run: Runner) -> AttachmentRecord:
-        """The one connect sequence (call under the volume's lock): claim, export and ACL, record."""
+    async def connect_claimed(
+        self,
+        claim: Claimer,
+        connector: dict[str, Any],
+        run: Runner,
+        *,
+        idempotency: Answer[AttachmentRecord] | None = None,
+    ) -> AttachmentRecord:
+        """The one connect sequence (call under the volume's lock): claim, export and ACL, record.
+
+        `idempotency`: the claim took the request's key; the record stores its answer, in one transaction.
+        """
         initiator = str(connector["initiator"])
         async with self.db.write() as session:
             claimed = await claim(session)
@@ -477,7 +522,7 @@ class AttachmentService:
         # before the attachment's, the order every transition takes them in: the other order deadlocks with an
         # os-complete of this attachment (which holds the volume's row)
         relocated = volume.provider_location != export.provider_location
-        async with self.db.write() if relocated else self.db.autocommit() as session:
+        async with self.db.write() if relocated or idempotency else self.db.autocommit() as session:
             if relocated:
                 await session.execute(
                     SET_PROVIDER_LOCATION, {"volume_id": volume.id, "location": export.provider_location}
@@ -493,6 +538,8 @@ class AttachmentService:
                 if not volume.multiattach
                 else await self._record(session, recorded)
             )
+            if idempotency is not None:
+                await idempotency.complete(session, result, attachment.id)
         if claimed.replaced:
             try:
                 await release(self.db, run, self.backends.target, volume.id, [claimed.replaced])

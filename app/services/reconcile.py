@@ -7,13 +7,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from app.backends.base import BackendError, Backends, ExportState, VolumeRef
 from app.backends.dispatch import Dispatcher, Runner
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.secrets import SEALED, SecretBox
+from app.services import idempotency
 from app.services.connections import chap_of, provider_auth
 from app.services.transitions import CONNECTED, lock_volume, recompute_volume
 from app.services.volumes import remove_deleted
@@ -27,6 +28,8 @@ class ReconcileReport:
     volumes_failed: list[str] = field(default_factory=list)
     volumes_deleted: list[str] = field(default_factory=list)
     attachments_rolled_back: list[str] = field(default_factory=list)
+    # keyed creates with a connector that a crash interrupted: removed with their key, so a retry runs again
+    attachments_removed: list[str] = field(default_factory=list)
     exports_restored: list[str] = field(default_factory=list)
     exports_removed: list[str] = field(default_factory=list)
     acls_added: list[tuple[str, str]] = field(default_factory=list)
@@ -173,9 +176,24 @@ class Reconciler:
                 report.errors.append(f"attachment {attachment_id}")
 
     async def _roll_back(self, attachment_id: str, volume_id: str, report: ReconcileReport) -> None:
+        """Back to reserved; but a keyed create with a connector (its Idempotency-Key still in flight) leaves no
+        trace, as when its backend call fails (SPEC 9): its client never got an answer and retries with the key."""
         async with self.dispatcher.exclusive(volume_id), self.db.write() as session:
             # the volume's row first, as every transition takes it
             await lock_volume(session, volume_id)
+            removed = await session.execute(
+                delete(Attachment).where(
+                    Attachment.id == attachment_id,  # type: ignore[arg-type]
+                    Attachment.attach_status == AttachStatus.ATTACHING,  # type: ignore[arg-type]
+                    Attachment.connection_info.is_(None),  # type: ignore[union-attr]
+                    idempotency.in_flight_for(Attachment.id),
+                )
+            )
+            if removed.rowcount == 1:  # type: ignore[attr-defined]
+                await idempotency.abandon(session, attachment_id)
+                await recompute_volume(session, volume_id)
+                report.attachments_removed.append(attachment_id)
+                return
             undone = await session.execute(
                 update(Attachment)
                 .where(

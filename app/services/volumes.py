@@ -28,6 +28,7 @@ from app.db.models import (
     utcnow,
 )
 from app.errors import Forbidden, InvalidInput, InvalidVolume, NotFound, VolumeNotFound
+from app.services.idempotency import Answer
 from app.services.listing import ListParams, Page, apply_order, keyset_after, parse_bool
 from app.services.types import DEFAULT_TYPE, extra_specs_of, find_type, is_multiattach
 from app.services.work import BackgroundWork
@@ -173,11 +174,17 @@ class VolumeService:
         volume_type: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         availability_zone: str | None = None,
+        idempotency: Answer[VolumeRecord] | None = None,
     ) -> VolumeRecord:
+        """`idempotency`: the request's key, claimed first and answered last in the create's transaction."""
+        if idempotency is not None:
+            await idempotency.check()  # a retry of an answered request is answered before any write
         meta = check_metadata(metadata or {})
         if availability_zone and availability_zone != self.settings.availability_zone:
             raise InvalidInput(f"Availability zone '{availability_zone}' is invalid.")
         async with self.db.write() as session:
+            if idempotency is not None:
+                await idempotency.claim(session)
             vtype = await find_type(session, volume_type or DEFAULT_TYPE)
             if vtype is None:
                 if volume_type is None:
@@ -202,8 +209,11 @@ class VolumeService:
             await session.flush()
             for key, value in meta.items():
                 session.add(VolumeMetadata(volume_id=volume.id, key=key, value=value))
+            record = VolumeRecord(volume=volume, metadata=meta, volume_type=vtype)
+            if idempotency is not None:
+                await idempotency.complete(session, record, volume.id)
         self.work.spawn(self._finish_create(volume.id, volume.size), name=f"create-{volume.id}")
-        return VolumeRecord(volume=volume, metadata=meta, volume_type=vtype)
+        return record
 
     async def _finish_create(self, volume_id: str, size: int) -> None:
         ref = VolumeRef(id=volume_id, size_gb=size)

@@ -26,7 +26,15 @@ from app.db.migrate import alembic_config, upgrade
 from tests.conftest import PG_ADMIN_DSN, _pg, missing
 
 TETHER = str(Path(sys.executable).parent / "tether")
-TABLES = {"volume_types", "volume_type_extra_specs", "volumes", "volume_metadata", "attachments", "attachment_specs"}
+TABLES = {
+    "volume_types",
+    "volume_type_extra_specs",
+    "volumes",
+    "volume_metadata",
+    "attachments",
+    "attachment_specs",
+    "idempotency_keys",
+}
 DEFAULT_TYPE_ID = "5a5c3b7e-0d6f-4f43-9a4c-1f0c0a0b0d01"
 
 
