@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,9 +54,52 @@ class Settings(BaseSettings):
     # seconds between two sweeps (expired reservations and idempotency keys); at most 10, the lease's promise
     sweep_interval: float = Field(default=5.0, gt=0, le=10)
 
+    # SPEC 11: who the caller is. noauth believes `X-Auth-Token: user:project`; keystone validates the token
+    auth: Literal["noauth", "keystone"] = "noauth"
+    # noauth only: users who get the role reader alone (everyone not in admin_users gets member and reader)
+    reader_users: str = ""
+    # a Cinder policy.yaml whose rules override the defaults (app/policy.py); read once at start-up
+    policy_file: str | None = None
+    # keystone mode, named after keystonemiddleware's [keystone_authtoken] options: the service's own user
+    # (keystoneauth1 password auth), which validates callers' tokens
+    keystone_auth_url: str | None = None
+    keystone_username: str | None = None
+    keystone_password: SecretStr | None = None
+    keystone_project_name: str = "service"
+    keystone_user_domain_name: str = "Default"
+    keystone_project_domain_name: str = "Default"
+    # where a 401 sends clients for a token (WWW-Authenticate); default: the auth URL
+    keystone_www_authenticate_uri: str | None = None
+    # an X-Service-Token needs one of these roles (comma-separated), as keystonemiddleware requires
+    keystone_service_token_roles: str = "service"  # noqa: S105 (role names, not a secret)
+    # seconds a validated token is believed without asking Keystone again (never past its expiry); <= 0: never
+    keystone_token_cache_time: int = Field(default=300, ge=-1)
+    # seconds to wait for Keystone before answering 503
+    keystone_http_connect_timeout: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keystone_complete(self) -> Settings:
+        if self.auth == "keystone":
+            missing = [
+                f"TETHER_KEYSTONE_{name.upper()}"
+                for name in ("auth_url", "username", "password")
+                if not getattr(self, f"keystone_{name}")
+            ]
+            if missing:
+                raise ValueError(f"TETHER_AUTH=keystone needs {', '.join(missing)}")
+        return self
+
     @property
     def admin_user_set(self) -> frozenset[str]:
         return frozenset(u.strip() for u in self.admin_users.split(",") if u.strip())
+
+    @property
+    def reader_user_set(self) -> frozenset[str]:
+        return frozenset(u.strip() for u in self.reader_users.split(",") if u.strip())
+
+    @property
+    def service_token_role_set(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.keystone_service_token_roles.split(",") if r.strip())
 
     @property
     def is_sqlite(self) -> bool:

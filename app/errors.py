@@ -26,6 +26,8 @@ def fault_body(code: int, message: str) -> dict[str, Any]:
 class TetherError(Exception):
     code = 500
     message = "The server has either erred or is incapable of performing the requested operation."
+    # response headers the fault carries (a 401's WWW-Authenticate)
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or self.message)
@@ -56,6 +58,12 @@ class InvalidAttachment(BadRequest):
 class Unauthorized(TetherError):
     code = 401
     message = "Authentication required."
+
+    def __init__(self, message: str | None = None, *, www_authenticate: str | None = None) -> None:
+        super().__init__(message)
+        if www_authenticate is not None:
+            # keystone mode: where clients get a token (keystonemiddleware's header)
+            self.headers = {"WWW-Authenticate": f'Keystone uri="{www_authenticate}"'}
 
 
 class Forbidden(TetherError):
@@ -102,6 +110,14 @@ class UnprocessableEntity(TetherError):
 
     code = 422
     message = "The request cannot be processed."
+
+
+class InUseByServer(Conflict):
+    """OSSA-2023-003 (Cinder bug 2004555): an attachment a server uses is detached through Nova, which sends a
+    service token; a user deleting it could leave the host's device pointing at another volume later."""
+
+    def __init__(self, instance_id: object) -> None:
+        super().__init__(f"Detach volume from instance {instance_id} using the Compute API")
 
 
 class OverLimit(TetherError):

@@ -26,6 +26,7 @@ from app.errors import Conflict, ServiceUnavailable, TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
+from app.policy import Policy
 from app.routers import (
     attachments,
     idempotency,
@@ -65,7 +66,7 @@ async def _tether_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, TetherError)
     if error.code >= 500:
         log.error("request failed: %s", error.message)
-    return JSONResponse(error.body(), status_code=error.code)
+    return JSONResponse(error.body(), status_code=error.code, headers=error.headers)
 
 
 async def _lock_error(_request: Request, error: Exception) -> JSONResponse:
@@ -181,6 +182,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             observe=lambda report: app.state.metrics.observe_expired(len(report.reservations)),
         )
         app.state.sweeper = sweeper
+        if settings.auth == "keystone":
+            from app.keystone import TokenValidator  # keystoneauth1 is imported only where it is used
+
+            app.state.keystone = TokenValidator(settings)
         if settings.reconcile_on_start:
             try:
                 await app.state.reconciler.run()
@@ -192,6 +197,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await sweeper.stop()
             await work.idle()
+            if app.state.keystone is not None:
+                await app.state.keystone.aclose()
             if locks is not None:
                 await locks.close()
             await db.dispose()
@@ -205,6 +212,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.settings = settings
+    app.state.policy = Policy(settings.policy_file)
+    app.state.keystone = None
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.metrics = Metrics()
     app.add_middleware(APIMiddleware)

@@ -8,10 +8,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import microversions as mv
+from app import policy
 from app.errors import BadRequest, InvalidInput, NotFound
 from app.routers import views
 from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
 from app.routers.docs import faults, list_query, since
+from app.routers.enforce import AuthorizeDep
 from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import AttachmentActionRequest, AttachmentCreateRequest, AttachmentUpdateRequest
 from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
@@ -30,9 +32,15 @@ router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[mi
     openapi_extra=since(mv.NEW_ATTACH),
 )
 async def create_attachment(
-    body: AttachmentCreateRequest, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, key: IdempotencyDep
+    body: AttachmentCreateRequest,
+    ctx: CallerDep,
+    version: VersionDep,
+    svc: AttachmentsDep,
+    key: IdempotencyDep,
+    auth: AuthorizeDep,
 ) -> JSONResponse:
     spec = body.attachment
+    await auth.volume(spec.volume_uuid, policy.ATTACHMENT_CREATE)
     if "mode" in spec.model_fields_set and version < mv.ATTACHMENT_CREATE_MODE_ARG:
         raise InvalidInput("Invalid input for field/attribute attachment.mode: it needs microversion 3.54 or later.")
     record = await svc.create(
@@ -77,7 +85,10 @@ async def _list(
     responses=faults(404),
     openapi_extra={**since(mv.NEW_ATTACH), **list_query(*sorted(ATTACHMENT_FILTERS))},
 )
-async def list_attachments(request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep) -> JSONResponse:
+async def list_attachments(
+    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, auth: AuthorizeDep
+) -> JSONResponse:
+    auth.caller(policy.ATTACHMENT_GET_ALL)
     return await _list(request, ctx, version, svc, detail=False)
 
 
@@ -90,8 +101,9 @@ async def list_attachments(request: Request, ctx: CallerDep, version: VersionDep
     openapi_extra={**since(mv.NEW_ATTACH), **list_query(*sorted(ATTACHMENT_FILTERS))},
 )
 async def list_attachments_detail(
-    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep
+    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, auth: AuthorizeDep
 ) -> JSONResponse:
+    auth.caller(policy.ATTACHMENT_GET_ALL)
     return await _list(request, ctx, version, svc, detail=True)
 
 
@@ -103,7 +115,8 @@ async def list_attachments_detail(
     responses=faults(404),
     openapi_extra=since(mv.NEW_ATTACH),
 )
-async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep) -> JSONResponse:
+async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep, auth: AuthorizeDep) -> JSONResponse:
+    await auth.attachment(attachment_id, policy.ATTACHMENT_GET)
     return views.reply({"attachment": views.attachment_detail(await svc.get(ctx, attachment_id))})
 
 
@@ -116,8 +129,9 @@ async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDe
     openapi_extra=since(mv.NEW_ATTACH),
 )
 async def update_attachment(
-    attachment_id: str, body: AttachmentUpdateRequest, ctx: CallerDep, svc: AttachmentsDep
+    attachment_id: str, body: AttachmentUpdateRequest, ctx: CallerDep, svc: AttachmentsDep, auth: AuthorizeDep
 ) -> JSONResponse:
+    await auth.attachment(attachment_id, policy.ATTACHMENT_UPDATE)
     record = await svc.connect(ctx, attachment_id, body.attachment.connector)
     return views.reply({"attachment": views.attachment_detail(record)})
 
@@ -137,6 +151,7 @@ async def attachment_action(
     ctx: CallerDep,
     version: VersionDep,
     svc: AttachmentsDep,
+    auth: AuthorizeDep,
 ) -> Response:
     actions = body.actions()
     if len(actions) != 1:
@@ -146,6 +161,7 @@ async def attachment_action(
         raise BadRequest(f"There is no such action: {action}")
     if version < mv.NEW_ATTACH_COMPLETION:
         raise NotFound()
+    await auth.attachment(attachment_id, policy.ATTACHMENT_COMPLETE)
     await svc.complete(ctx, attachment_id)
     return Response(status_code=204)
 
@@ -158,6 +174,9 @@ async def attachment_action(
     responses=faults(404),
     openapi_extra=since(mv.NEW_ATTACH),
 )
-async def delete_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep) -> JSONResponse:
+async def delete_attachment(
+    attachment_id: str, ctx: CallerDep, svc: AttachmentsDep, auth: AuthorizeDep
+) -> JSONResponse:
+    await auth.attachment(attachment_id, policy.ATTACHMENT_DELETE)
     remaining = await svc.remove(ctx, attachment_id)
     return views.reply({"attachments": [views.attachment_summary(a) for a in remaining]})

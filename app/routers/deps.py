@@ -11,6 +11,7 @@ from app.auth import Context, context_from_headers
 from app.errors import BadRequest, InvalidInput, NotFound
 from app.logs import bind
 from app.microversions import APIVersion
+from app.policy import Policy
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
 from app.services.types import VolumeTypeService
@@ -27,9 +28,17 @@ async def get_version(request: Request) -> APIVersion:
 
 
 async def get_caller(request: Request) -> Context:
-    ctx = context_from_headers(
-        request.headers, request.app.state.settings.admin_user_set, request.path_params.get("project_id")
-    )
+    """The caller, from a Keystone token (keystone mode) or the noauth headers, with the policy's view of it."""
+    state = request.app.state
+    path_project = request.path_params.get("project_id")
+    ctx: Context
+    if state.keystone is not None:
+        ctx = await state.keystone.context(request.headers, path_project)
+    else:
+        settings = state.settings
+        ctx = context_from_headers(request.headers, settings.admin_user_set, path_project, settings.reader_user_set)
+    policy: Policy = state.policy
+    ctx = policy.decide(ctx)
     bind(project_id=ctx.project_id, volume_id=request.path_params.get("volume_id"))
     bind(attachment_id=request.path_params.get("attachment_id"))
     return ctx

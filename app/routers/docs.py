@@ -13,7 +13,7 @@ _FAULT_MODELS = {code: fault_model(name) for code, name in FAULT_NAMES.items()}
 _FAULT_MODELS[500] = fault_model("computeFault")
 _DESCRIPTIONS = {
     400: "Bad request (validation, state or microversion format)",
-    401: "No credentials",
+    401: "No credentials, or a token Keystone refused",
     403: "Not allowed for this caller",
     404: "Not found, another project's, or below the operation's microversion",
     406: "Microversion outside 3.0-3.71",
@@ -21,12 +21,14 @@ _DESCRIPTIONS = {
     413: "Body over 1 MiB",
     422: "The Idempotency-Key was used for a different request",
     500: "Backend or unexpected failure (no internals in the message)",
+    503: "Keystone, or a storage node the operation needs, is unavailable",
 }
 
 
 def faults(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """Fault responses in Cinder's format; 400, 401, 406 and 500 apply to every API operation."""
-    wanted = sorted({400, 401, 406, 500, *codes})
+    """Fault responses in Cinder's format; 400, 401, 403 (the policy), 406, 500 and 503 apply to every API
+    operation."""
+    wanted = sorted({400, 401, 403, 406, 500, 503, *codes})
     return {code: {"model": _FAULT_MODELS[code], "description": _DESCRIPTIONS[code]} for code in wanted}
 
 

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from app.errors import Forbidden
+from app import policy
 from app.routers import views
-from app.routers.deps import CallerDep
 from app.routers.docs import faults, since
+from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import PoolList
 from app.services.listing import parse_bool
 from app.services.status import capacity
@@ -30,10 +30,11 @@ GIB = 1024**3
     openapi_extra=since(),
 )
 async def list_pools(
-    request: Request, ctx: CallerDep, detail: Annotated[str, Query(description="true: include capabilities")] = "false"
+    request: Request,
+    auth: AuthorizeDep,
+    detail: Annotated[str, Query(description="true: include capabilities")] = "false",
 ) -> JSONResponse:
-    if not ctx.is_admin:
-        raise Forbidden()
+    auth.caller(policy.GET_POOLS)
     state = request.app.state
     settings = state.settings
     pool: dict[str, Any] = {"name": settings.host}

@@ -5,9 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from app import policy
 from app.routers import views
 from app.routers.deps import CallerDep, TypesDep
 from app.routers.docs import faults, since
+from app.routers.enforce import AuthorizeDep
 from app.schemas.requests import ExtraSpecsRequest, VolumeTypeCreateRequest
 from app.schemas.responses import ExtraSpecs, VolumeTypeEnvelope, VolumeTypeList
 from app.services.types import DEFAULT_TYPE
@@ -23,7 +25,10 @@ router = APIRouter(prefix="/types", tags=["types"])
     responses=faults(403, 409),
     openapi_extra=since(),
 )
-async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+async def create_volume_type(
+    body: VolumeTypeCreateRequest, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep
+) -> JSONResponse:
+    auth.caller(policy.TYPE_CREATE)
     spec = body.volume_type
     record = await svc.create(
         ctx,
@@ -43,7 +48,8 @@ async def create_volume_type(body: VolumeTypeCreateRequest, ctx: CallerDep, svc:
     responses=faults(),
     openapi_extra=since(),
 )
-async def list_volume_types(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+async def list_volume_types(ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
+    auth.caller(policy.TYPE_GET_ALL)
     return views.reply({"volume_types": [views.volume_type(r) for r in await svc.all(ctx)]})
 
 
@@ -55,7 +61,8 @@ async def list_volume_types(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_default_volume_type(ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+async def show_default_volume_type(ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
+    auth.caller(policy.TYPE_GET)
     return views.reply({"volume_type": views.volume_type(await svc.get(ctx, DEFAULT_TYPE))})
 
 
@@ -67,7 +74,8 @@ async def show_default_volume_type(ctx: CallerDep, svc: TypesDep) -> JSONRespons
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
+    auth.caller(policy.TYPE_GET)
     return views.reply({"volume_type": views.volume_type(await svc.get(ctx, type_id))})
 
 
@@ -80,7 +88,8 @@ async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONR
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> Response:
+async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> Response:
+    auth.caller(policy.TYPE_DELETE)
     await svc.delete(ctx, type_id)
     return Response(status_code=202)
 
@@ -93,7 +102,10 @@ async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep) -> Res
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def set_extra_specs(type_id: str, body: ExtraSpecsRequest, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+async def set_extra_specs(
+    type_id: str, body: ExtraSpecsRequest, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep
+) -> JSONResponse:
+    auth.caller(policy.EXTRA_SPECS_CREATE)
     return views.reply({"extra_specs": await svc.set_extra_specs(ctx, type_id, body.extra_specs)})
 
 
@@ -105,7 +117,8 @@ async def set_extra_specs(type_id: str, body: ExtraSpecsRequest, ctx: CallerDep,
     responses=faults(404),
     openapi_extra=since(),
 )
-async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONResponse:
+async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
+    auth.caller(policy.EXTRA_SPECS_INDEX)
     return views.reply({"extra_specs": await svc.get_extra_specs(ctx, type_id)})
 
 
@@ -118,6 +131,7 @@ async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep) -> JSONRe
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def delete_extra_spec(type_id: str, key: str, ctx: CallerDep, svc: TypesDep) -> Response:
+async def delete_extra_spec(type_id: str, key: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> Response:
+    auth.caller(policy.EXTRA_SPECS_DELETE)
     await svc.delete_extra_spec(ctx, type_id, key)
     return Response(status_code=202)

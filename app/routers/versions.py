@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from app import microversions
-from app.routers.deps import CallerDep
+from app.routers.deps import get_caller
 from app.routers.docs import faults
 from app.schemas.responses import Versions
 
 router = APIRouter(tags=["versions"])
+
+
+async def _discovery_caller(request: Request) -> None:
+    """noauth: a caller is needed, since keystoneauth discovers without a token and retries with one after a
+    401 (how the noauth clients get theirs through); keystone mode: the document needs no token (SPEC 11)."""
+    if request.app.state.keystone is None:
+        await get_caller(request)
 
 
 def _versions(request: Request) -> dict[str, Any]:
@@ -56,8 +63,7 @@ async def list_versions(request: Request) -> JSONResponse:
     response_model=Versions,
     responses=faults(),
 )
-async def show_version(request: Request, _ctx: CallerDep) -> JSONResponse:
-    # keystoneauth discovers without a token and retries with one after a 401
+async def show_version(request: Request, _caller: Annotated[None, Depends(_discovery_caller)]) -> JSONResponse:
     return JSONResponse(_versions(request))
 
 

@@ -72,7 +72,8 @@ def volume_detail(record: VolumeRecord, version: APIVersion, ctx: Context, base:
                 "attachment_id": a.id,
                 "volume_id": v.id,
                 "server_id": a.instance_uuid,
-                "host_name": a.attached_host if ctx.is_admin else None,
+                # Cinder shows the host to admins and to a service (Glance's cinder store detaching a multiattach)
+                "host_name": a.attached_host if ctx.shows_host or "service" in ctx.roles else None,
                 "device": a.mountpoint,
                 "attached_at": when(a.attach_time),
             }
@@ -80,8 +81,9 @@ def volume_detail(record: VolumeRecord, version: APIVersion, ctx: Context, base:
         ],
         "os-vol-tenant-attr:tenant_id": v.project_id,
     }
-    if ctx.is_admin:
+    if ctx.shows_host:
         body["os-vol-host-attr:host"] = v.host
+    if ctx.shows_migration:
         body["migration_status"] = v.migration_status
     if version >= mv.SHARED_TARGETS_AND_SERVICE_FIELDS:
         body["shared_targets"] = False

@@ -9,11 +9,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse, Response
 
+from app import policy
 from app.auth import Context
 from app.errors import BadRequest, InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, LegacyDep
 from app.routers.docs import faults, since
+from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import LegacyConnectionEnvelope
 from app.services.legacy import LegacyService
 
@@ -137,6 +139,20 @@ async def _reset_status(svc: LegacyService, ctx: Context, volume_id: str, value:
     return _accepted()
 
 
+# Cinder's policy rule of each action (cinder/policies/volume_actions.py), enforced on the volume's project
+ACTION_POLICIES: dict[str, str] = {
+    "os-reserve": policy.RESERVE,
+    "os-unreserve": policy.UNRESERVE,
+    "os-initialize_connection": policy.INITIALIZE_CONNECTION,
+    "os-attach": policy.ATTACH,
+    "os-begin_detaching": policy.BEGIN_DETACHING,
+    "os-roll_detaching": policy.ROLL_DETACHING,
+    "os-terminate_connection": policy.TERMINATE_CONNECTION,
+    "os-detach": policy.DETACH,
+    "os-force_detach": policy.FORCE_DETACH,
+    "os-reset_status": policy.RESET_STATUS,
+}
+
 # every action exists from 3.0; a later one would carry its minimum version here
 ACTIONS: dict[str, Handler] = {
     "os-reserve": _reserve,
@@ -171,6 +187,7 @@ async def volume_action(
     body: Annotated[Any, Body(examples=[{"os-reserve": None}, {"os-initialize_connection": {"connector": {}}}])],
     ctx: CallerDep,
     svc: LegacyDep,
+    auth: AuthorizeDep,
 ) -> Response | JSONResponse:
     if not isinstance(body, dict) or len(body) != 1:
         raise BadRequest("Malformed request body")
@@ -178,4 +195,5 @@ async def volume_action(
     handler = ACTIONS.get(action)
     if handler is None:
         raise BadRequest(f"There is no such action: {action}")
+    await auth.volume(volume_id, ACTION_POLICIES[action])
     return await handler(svc, ctx, volume_id, value)

@@ -7,22 +7,24 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from app import policy
 from app.errors import InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep
 from app.routers.docs import faults, since
+from app.routers.enforce import AuthorizeDep
 from app.schemas.requests import VolumeMetadataItemRequest, VolumeMetadataRequest
 from app.schemas.responses import VolumeMetadataEnvelope, VolumeMetadataItemEnvelope
 from app.services.volume_metadata import VolumeMetadataService
 
 router = APIRouter(prefix="/volumes", tags=["volume metadata"])
 
-# Cinder's policy rule for each operation (cinder/policies/volume_metadata.py), by operation id: the names
-# the keystone work enforces at each route and a policy.yaml overrides (SPEC 11)
-GET_POLICY = "volume:get_volume_metadata"
-CREATE_POLICY = "volume:create_volume_metadata"
-UPDATE_POLICY = "volume:update_volume_metadata"
-DELETE_POLICY = "volume:delete_volume_metadata"
+# Cinder's policy rule for each operation (cinder/policies/volume_metadata.py), by operation id: enforced at
+# each route on the volume's project, and a policy.yaml overrides them (SPEC 11)
+GET_POLICY = policy.VOLUME_METADATA_GET
+CREATE_POLICY = policy.VOLUME_METADATA_CREATE
+UPDATE_POLICY = policy.VOLUME_METADATA_UPDATE
+DELETE_POLICY = policy.VOLUME_METADATA_DELETE
 POLICIES = {
     "show_volume_metadata": GET_POLICY,
     "create_volume_metadata": CREATE_POLICY,
@@ -48,7 +50,8 @@ MetadataDep = Annotated[VolumeMetadataService, Depends(_service)]
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume_metadata(volume_id: str, ctx: CallerDep, svc: MetadataDep) -> JSONResponse:
+async def show_volume_metadata(volume_id: str, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep) -> JSONResponse:
+    await auth.volume(volume_id, GET_POLICY)
     return views.reply({"metadata": await svc.get(ctx, volume_id)})
 
 
@@ -61,8 +64,9 @@ async def show_volume_metadata(volume_id: str, ctx: CallerDep, svc: MetadataDep)
     openapi_extra=since(),
 )
 async def create_volume_metadata(
-    volume_id: str, body: VolumeMetadataRequest, ctx: CallerDep, svc: MetadataDep
+    volume_id: str, body: VolumeMetadataRequest, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
 ) -> JSONResponse:
+    await auth.volume(volume_id, CREATE_POLICY)
     return views.reply({"metadata": await svc.merge(ctx, volume_id, body.metadata)})
 
 
@@ -75,8 +79,9 @@ async def create_volume_metadata(
     openapi_extra=since(),
 )
 async def update_volume_metadata(
-    volume_id: str, body: VolumeMetadataRequest, ctx: CallerDep, svc: MetadataDep
+    volume_id: str, body: VolumeMetadataRequest, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
 ) -> JSONResponse:
+    await auth.volume(volume_id, UPDATE_POLICY)
     return views.reply({"metadata": await svc.replace(ctx, volume_id, body.metadata)})
 
 
@@ -88,7 +93,10 @@ async def update_volume_metadata(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume_metadata_item(volume_id: str, key: str, ctx: CallerDep, svc: MetadataDep) -> JSONResponse:
+async def show_volume_metadata_item(
+    volume_id: str, key: str, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
+) -> JSONResponse:
+    await auth.volume(volume_id, GET_POLICY)
     return views.reply({"meta": {key: await svc.get_item(ctx, volume_id, key)}})
 
 
@@ -101,8 +109,9 @@ async def show_volume_metadata_item(volume_id: str, key: str, ctx: CallerDep, sv
     openapi_extra=since(),
 )
 async def update_volume_metadata_item(
-    volume_id: str, key: str, body: VolumeMetadataItemRequest, ctx: CallerDep, svc: MetadataDep
+    volume_id: str, key: str, body: VolumeMetadataItemRequest, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
 ) -> JSONResponse:
+    await auth.volume(volume_id, UPDATE_POLICY)
     # Cinder's messages; its body schema refuses a second item before the key is compared with the URL's
     if len(body.meta) > 1:
         raise InvalidInput("Request body contains too many items")
@@ -120,6 +129,9 @@ async def update_volume_metadata_item(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def delete_volume_metadata_item(volume_id: str, key: str, ctx: CallerDep, svc: MetadataDep) -> Response:
+async def delete_volume_metadata_item(
+    volume_id: str, key: str, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
+) -> Response:
+    await auth.volume(volume_id, DELETE_POLICY)
     await svc.delete_item(ctx, volume_id, key)
     return Response(status_code=200)

@@ -8,10 +8,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from app import microversions as mv
+from app import policy
 from app.errors import InvalidInput
 from app.routers import views
 from app.routers.deps import CallerDep, VersionDep, VolumesDep
 from app.routers.docs import faults, list_query, since
+from app.routers.enforce import AuthorizeDep
 from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import VolumeCreate, VolumeCreateRequest, VolumeUpdateRequest
 from app.schemas.responses import VolumeDetailList, VolumeEnvelope, VolumeList
@@ -69,7 +71,9 @@ async def create_volume(
     version: VersionDep,
     svc: VolumesDep,
     key: IdempotencyDep,
+    auth: AuthorizeDep,
 ) -> JSONResponse:
+    auth.caller(policy.VOLUME_CREATE)
     spec = body.volume
     _refuse_extra(version, body, spec)
     if "multiattach" in (spec.model_extra or {}):
@@ -125,7 +129,10 @@ async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: Volu
     responses=faults(404),
     openapi_extra={**since(), **list_query(*sorted(VOLUME_FILTERS), count=True)},
 )
-async def list_volumes(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
+async def list_volumes(
+    request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, auth: AuthorizeDep
+) -> JSONResponse:
+    auth.caller(policy.VOLUME_GET_ALL)
     return await _list(request, ctx, version, svc, detail=False)
 
 
@@ -137,7 +144,10 @@ async def list_volumes(request: Request, ctx: CallerDep, version: VersionDep, sv
     responses=faults(404),
     openapi_extra={**since(), **list_query(*sorted(VOLUME_FILTERS), count=True)},
 )
-async def list_volumes_detail(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep) -> JSONResponse:
+async def list_volumes_detail(
+    request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, auth: AuthorizeDep
+) -> JSONResponse:
+    auth.caller(policy.VOLUME_GET_ALL)
     return await _list(request, ctx, version, svc, detail=True)
 
 
@@ -150,8 +160,9 @@ async def list_volumes_detail(request: Request, ctx: CallerDep, version: Version
     openapi_extra=since(),
 )
 async def show_volume(
-    request: Request, volume_id: str, ctx: CallerDep, version: VersionDep, svc: VolumesDep
+    request: Request, volume_id: str, ctx: CallerDep, version: VersionDep, svc: VolumesDep, auth: AuthorizeDep
 ) -> JSONResponse:
+    await auth.volume(volume_id, policy.VOLUME_GET)
     record = await svc.get(ctx, volume_id)
     return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
 
@@ -165,8 +176,15 @@ async def show_volume(
     openapi_extra=since(),
 )
 async def update_volume(
-    request: Request, volume_id: str, body: VolumeUpdateRequest, ctx: CallerDep, version: VersionDep, svc: VolumesDep
+    request: Request,
+    volume_id: str,
+    body: VolumeUpdateRequest,
+    ctx: CallerDep,
+    version: VersionDep,
+    svc: VolumesDep,
+    auth: AuthorizeDep,
 ) -> JSONResponse:
+    await auth.volume(volume_id, policy.VOLUME_UPDATE)
     spec = body.volume
     _refuse_extra(version, body, spec)
     given = spec.model_fields_set
@@ -194,8 +212,11 @@ async def update_volume(
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def delete_volume(request: Request, volume_id: str, ctx: CallerDep, svc: VolumesDep) -> Response:
+async def delete_volume(
+    request: Request, volume_id: str, ctx: CallerDep, svc: VolumesDep, auth: AuthorizeDep
+) -> Response:
     force = parse_bool("force", request.query_params.get("force", "false"))
     parse_bool("cascade", request.query_params.get("cascade", "false"))
+    await auth.volume(volume_id, policy.VOLUME_DELETE, *([policy.VOLUME_FORCE_DELETE] if force else []))
     await svc.delete(ctx, volume_id, force=force)
     return Response(status_code=202)

@@ -29,6 +29,7 @@ from app.errors import (
     AttachmentNotFound,
     BackendFailure,
     Conflict,
+    InUseByServer,
     InvalidAttachment,
     InvalidInput,
     InvalidVolume,
@@ -68,6 +69,7 @@ from app.services.transitions import (
     A,
     claim_volume,
     columns_of,
+    in_use_by_server,
     lock_volume,
     recompute_volume,
     refresh,
@@ -153,6 +155,13 @@ class AttachmentService:
 
     async def _volume_of(self, ctx: Context, attachment_id: str) -> str:
         """The attachment's volume id (404 for a missing attachment or another project's)."""
+        return (await self._owner(ctx, attachment_id))[0]
+
+    async def project_of(self, ctx: Context, attachment_id: str) -> str:
+        """The attachment's project, for the policy's target (404 as for _volume_of)."""
+        return (await self._owner(ctx, attachment_id))[1]
+
+    async def _owner(self, ctx: Context, attachment_id: str) -> tuple[str, str]:
         owner = self._owners.get(attachment_id)
         if owner is None:
             async with self.db.read() as session:
@@ -163,7 +172,7 @@ class AttachmentService:
             self._remember(attachment_id, *owner)
         if not ctx.sees(owner[1]):
             raise AttachmentNotFound(attachment_id)
-        return owner[0]
+        return owner
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -184,7 +193,7 @@ class AttachmentService:
     async def page(self, ctx: Context, params: ListParams, *, detail: bool) -> Page[AttachmentRecord]:
         limit = min(params.limit if params.limit is not None else 1000, 1000)
         conditions: list[ColumnElement[bool]] = []
-        if not (ctx.is_admin and params.all_tenants):
+        if not (ctx.all_projects and params.all_tenants):
             conditions.append(Attachment.project_id == ctx.project_id)  # type: ignore[arg-type]
         columns_by_filter = {
             "volume_id": Attachment.volume_id,
@@ -262,7 +271,7 @@ class AttachmentService:
         attaching = legacy or connecting
         # load and claim in one statement; the slow path below tells a missing volume from a busy one
         claimed = await session.execute(
-            claim_volume(legacy=legacy, scoped=not ctx.is_admin),
+            claim_volume(legacy=legacy, scoped=not ctx.all_projects),
             {
                 "volume_id": volume_id,
                 "caller_project": ctx.project_id,
@@ -580,17 +589,23 @@ class AttachmentService:
 
     # -- remove ---------------------------------------------------------------------------------
 
-    async def remove(self, ctx: Context, attachment_id: str) -> list[Attachment]:
-        """Disconnect (shared-aware) and delete; returns the volume's remaining attachments."""
+    async def remove(self, ctx: Context, attachment_id: str, *, guarded: bool = True) -> list[Attachment]:
+        """Disconnect (shared-aware) and delete; returns the volume's remaining attachments.
+
+        guarded: refuse (409) when a server uses it and the caller has no service token (OSSA-2023-003);
+        os-force_detach is the one face that is not guarded.
+        """
         volume_id = await self._volume_of(ctx, attachment_id)
 
         async def work() -> list[Attachment]:
             async with self.dispatcher.exclusive(volume_id) as run:
-                return await self.remove_locked(ctx, attachment_id, volume_id, run)
+                return await self.remove_locked(ctx, attachment_id, volume_id, run, guarded=guarded)
 
         return await shielded(work)
 
-    async def remove_locked(self, ctx: Context, attachment_id: str, volume_id: str, run: Runner) -> list[Attachment]:
+    async def remove_locked(
+        self, ctx: Context, attachment_id: str, volume_id: str, run: Runner, *, guarded: bool
+    ) -> list[Attachment]:
         async with self.db.read() as session:
             # every attachment of the volume with its initiator, in one query: this one, and what else uses
             # the ACL and the export
@@ -599,6 +614,8 @@ class AttachmentService:
         if this is None or not ctx.sees(this.project_id):
             self.forget(attachment_id)
             raise AttachmentNotFound(attachment_id)
+        if guarded and ctx.guards_in_use and in_use_by_server(this):
+            raise InUseByServer(this.instance_uuid)
         if this.attach_status in (*CONNECTED, AttachStatus.ERROR_DETACHING):
             initiator = json.loads(this.value) if this.value else None
             plan = teardown(volume_id, rows, [initiator] if initiator else [], other_than=attachment_id)

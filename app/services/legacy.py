@@ -21,14 +21,16 @@ from app.auth import Context
 from app.backends.base import BackendError
 from app.db.engine import Database
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, utcnow
-from app.errors import BackendFailure, Forbidden, InvalidAttachment, InvalidInput, InvalidVolume
+from app.errors import BackendFailure, InUseByServer, InvalidAttachment, InvalidInput, InvalidVolume
 from app.services.attachments import AttachmentRecord, AttachmentService, Claim, effective_mode, shielded
 from app.services.connections import release, store_connector, users
 from app.services.transitions import (
     ATTACHMENTS_OF,
     DELETE_ATTACHMENT,
+    INITIATORS,
     INSERT_ATTACHMENT,
     columns_of,
+    in_use_by_server,
     lock_volume,
     recompute_volume,
 )
@@ -78,7 +80,7 @@ class LegacyService:
                     connected = list(rows.scalars().all())
                     await recompute_volume(session, volume.id)
                 for attachment_id in connected:
-                    await self.attachments.remove_locked(ctx, attachment_id, volume_id, run)
+                    await self.attachments.remove_locked(ctx, attachment_id, volume_id, run, guarded=False)
 
         await shielded(work)
 
@@ -236,13 +238,18 @@ class LegacyService:
 
     # -- os-terminate_connection, os-detach, os-force_detach --------------------------------------
 
-    async def terminate_connection(self, ctx: Context, volume_id: str, connector: Mapping[str, Any]) -> None:
+    async def terminate_connection(
+        self, ctx: Context, volume_id: str, connector: Mapping[str, Any], *, guarded: bool = True
+    ) -> None:
         """Drop the initiator's ACL unless another connected attachment still uses it, and record it.
 
         The one attachment using it is marked `terminated` (it stays attached until os-detach); when two
         instances on that host share the ACL, it stays and nothing is marked. On a non-multiattach volume with
         connected attachments on other hosts too (a legacy live migration), the side named here is done:
         its attachment goes (the source after the migration, the destination on a rollback).
+
+        guarded: as a delete, refused (409, nothing changed) when a server uses an attachment of this initiator
+        and the caller has no service token (OSSA-2023-003); os-force_detach's terminate is not guarded.
         """
         checked = self.attachments.validate_connector(connector)
         initiator = str(checked["initiator"])
@@ -255,6 +262,11 @@ class LegacyService:
                     await lock_volume(session, volume.id)
                     using = await users(session, volume.id)
                     mine = [a for a, i in using if i == initiator]
+                    if guarded and ctx.guards_in_use and mine:
+                        rows = (await session.execute(INITIATORS, {"volume_id": volume.id})).all()
+                        busy = next((r for r in rows if r.id in mine and in_use_by_server(r)), None)
+                        if busy is not None:
+                            raise InUseByServer(busy.instance_uuid)
                     if mine and not volume.multiattach and len(mine) < len(using):
                         for attachment_id in mine:
                             await session.execute(DELETE_ATTACHMENT, {"attachment_id": attachment_id})
@@ -292,16 +304,14 @@ class LegacyService:
     async def force_detach(
         self, ctx: Context, volume_id: str, attachment_id: str | None, connector: Mapping[str, Any] | None
     ) -> None:
-        if not ctx.is_admin:
-            raise Forbidden()
         if connector:
-            await self.terminate_connection(ctx, volume_id, connector)
+            await self.terminate_connection(ctx, volume_id, connector, guarded=False)
         attachments = await self.attachments.attachments_of(ctx, volume_id)
         if attachment_id is not None and attachment_id not in {a.id for a in attachments}:
             raise InvalidVolume(f"Attachment {attachment_id} does not belong to volume {volume_id}.")
         for attachment in attachments:
             if attachment_id is None or attachment.id == attachment_id:
-                await self.attachments.remove(ctx, attachment.id)
+                await self.attachments.remove(ctx, attachment.id, guarded=False)
 
     # -- os-reset_status --------------------------------------------------------------------------
 
@@ -310,8 +320,6 @@ class LegacyService:
     ) -> None:
         """Set the statuses; `detached` drops every attachment and the target's export, under the volume's lock
         for both, so an attach from another worker cannot slip in between and be torn down after its 200."""
-        if not ctx.is_admin:
-            raise Forbidden()
         if status is None and attach_status is None:
             raise InvalidInput("Must specify 'status' or 'attach_status'.")
         if status is not None and status not in {s.value for s in VolumeStatus}:

@@ -108,10 +108,10 @@ def parse_list_params(
         if key in PAGING_KEYS:
             continue
         if key == "all_tenants":
-            if ctx.is_admin:
+            if ctx.all_projects:
                 params.all_tenants = parse_bool("all_tenants", value)
             continue
-        if key in filters or (ctx.is_admin and key == "project_id"):
+        if key in filters or (ctx.all_projects and key == "project_id"):
             params.filters[key] = value
         else:
             unknown.append(key)

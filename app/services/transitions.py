@@ -154,9 +154,18 @@ COMPLETE = (
 )
 STATUS_OF = select(A.c.attach_status).where(A.c.id == bindparam("attachment_id"))
 VOLUME_OF = select(A.c.volume_id, A.c.project_id).where(A.c.id == bindparam("attachment_id"))
-# every attachment of a volume with its initiator: what else uses an ACL and the export
+# every attachment of a volume with its initiator: what else uses an ACL and the export (and, for the
+# OSSA-2023-003 guard, whether a server uses it: an instance and a connection_info)
 INITIATORS = (
-    select(A.c.id, A.c.project_id, A.c.attach_status, A.c.terminated, S.c.value)
+    select(
+        A.c.id,
+        A.c.project_id,
+        A.c.attach_status,
+        A.c.terminated,
+        S.c.value,
+        A.c.instance_uuid,
+        A.c.connection_info.is_not(None).label("connected"),
+    )
     .select_from(A.outerjoin(S, and_(S.c.attachment_id == A.c.id, S.c.key == "initiator")))
     .where(A.c.volume_id == bindparam("volume_id"))
 )
@@ -166,6 +175,11 @@ ATTACHMENT_BY_ID = select(Attachment).where(Attachment.id == bindparam("attachme
 ATTACHMENTS_OF = (
     select(Attachment).where(Attachment.volume_id == bindparam("volume_id")).order_by(Attachment.created_at)  # type: ignore[arg-type]
 )
+
+
+def in_use_by_server(row: Any) -> bool:
+    """An INITIATORS row a server uses (Cinder's attachment_deletion_allowed): an instance and a connection."""
+    return bool(row.instance_uuid and row.connected)
 
 
 def columns_of(attachment: Attachment) -> dict[str, Any]:

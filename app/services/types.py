@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import Context
 from app.db.engine import Database
 from app.db.models import Volume, VolumeType, VolumeTypeExtraSpec, utcnow
-from app.errors import Conflict, Forbidden, InvalidInput, NotFound, VolumeTypeNotFound
+from app.errors import Conflict, InvalidInput, NotFound, VolumeTypeNotFound
 
 DEFAULT_TYPE = "__DEFAULT__"
 
@@ -41,11 +41,6 @@ async def extra_specs_of(session: AsyncSession, type_id: str) -> dict[str, str]:
     return {k: v for k, v in rows.all()}
 
 
-def _require_admin(ctx: Context) -> None:
-    if not ctx.is_admin:
-        raise Forbidden()
-
-
 def _check_specs(extra_specs: dict[str, str]) -> None:
     for key, value in extra_specs.items():
         if not key or len(key) > 255 or len(value) > 255:
@@ -59,7 +54,6 @@ class VolumeTypeService:
     async def create(
         self, ctx: Context, *, name: str, description: str | None, extra_specs: dict[str, str], is_public: bool
     ) -> TypeRecord:
-        _require_admin(ctx)
         _check_specs(extra_specs)
         if not name.strip():
             raise InvalidInput("Volume type name can not be empty.")
@@ -77,14 +71,14 @@ class VolumeTypeService:
     async def get(self, ctx: Context, type_id: str) -> TypeRecord:
         async with self.db.read() as session:
             volume_type = await find_type(session, type_id)
-            if volume_type is None or (not volume_type.is_public and not ctx.is_admin):
+            if volume_type is None or (not volume_type.is_public and not ctx.all_projects):
                 raise VolumeTypeNotFound(type_id)
             return TypeRecord(volume_type, await extra_specs_of(session, volume_type.id))
 
     async def all(self, ctx: Context) -> list[TypeRecord]:
         async with self.db.read() as session:
             stmt = select(VolumeType).order_by(VolumeType.name)
-            if not ctx.is_admin:
+            if not ctx.all_projects:
                 stmt = stmt.where(VolumeType.is_public.is_(True))  # type: ignore[attr-defined]
             types = list((await session.execute(stmt)).scalars().all())
             specs = await session.execute(select(VolumeTypeExtraSpec))
@@ -94,7 +88,6 @@ class VolumeTypeService:
         return [TypeRecord(t, by_type.get(t.id, {})) for t in types]
 
     async def delete(self, ctx: Context, type_id: str) -> None:
-        _require_admin(ctx)
         async with self.db.write() as session:
             volume_type = await find_type(session, type_id)
             if volume_type is None:
@@ -109,7 +102,6 @@ class VolumeTypeService:
             await session.delete(volume_type)
 
     async def set_extra_specs(self, ctx: Context, type_id: str, extra_specs: dict[str, str]) -> dict[str, str]:
-        _require_admin(ctx)
         _check_specs(extra_specs)
         async with self.db.write() as session:
             volume_type = await find_type(session, type_id)
@@ -124,7 +116,6 @@ class VolumeTypeService:
         return (await self.get(ctx, type_id)).extra_specs
 
     async def delete_extra_spec(self, ctx: Context, type_id: str, key: str) -> None:
-        _require_admin(ctx)
         async with self.db.write() as session:
             volume_type = await find_type(session, type_id)
             if volume_type is None:

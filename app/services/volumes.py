@@ -6,6 +6,7 @@ import ast
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ from app.db.models import (
     VolumeType,
     utcnow,
 )
-from app.errors import Forbidden, InvalidInput, InvalidVolume, NotFound, VolumeNotFound
+from app.errors import InvalidInput, InvalidVolume, NotFound, VolumeNotFound
 from app.services.idempotency import Answer
 from app.services.listing import ListParams, Page, apply_order, keyset_after, parse_bool
 from app.services.types import DEFAULT_TYPE, extra_specs_of, find_type, is_multiattach
@@ -81,6 +82,8 @@ def scoped(ctx: Context, volume: Volume | None) -> Volume | None:
 # built once: every state change loads its volume, and building the statement cost more CPU than running it
 _VOLUME_BY_ID = select(Volume).where(Volume.id == bindparam("volume_id"))
 _VOLUME_BY_ID_LOCKED = _VOLUME_BY_ID.with_for_update()
+_PROJECT_OF = select(Volume.project_id).where(Volume.id == bindparam("volume_id"))
+_PROJECTS_KEPT = 10000
 
 
 async def load_volume(session: AsyncSession, ctx: Context, volume_id: str, *, lock: bool = False) -> Volume:
@@ -163,6 +166,23 @@ class VolumeService:
         self.backends = backends
         self.settings = settings
         self.work = work
+        # volume id -> project: a volume never changes project, so the door's lookup is asked once per volume
+        self._projects: OrderedDict[str, str] = OrderedDict()
+
+    async def project_of(self, ctx: Context, volume_id: str) -> str:
+        """The volume's project, for the policy's target (404 for a missing volume or one the caller cannot see)."""
+        project = self._projects.get(volume_id)
+        if project is None:
+            async with self.db.read() as session:
+                project = await session.scalar(_PROJECT_OF, {"volume_id": volume_id})
+            if project is None:
+                raise VolumeNotFound(volume_id)
+            self._projects[volume_id] = project
+            if len(self._projects) > _PROJECTS_KEPT:
+                self._projects.popitem(last=False)
+        if not ctx.sees(project):
+            raise VolumeNotFound(volume_id)
+        return project
 
     async def create(
         self,
@@ -190,7 +210,7 @@ class VolumeService:
                 if volume_type is None:
                     raise NotFound("The default volume type is missing; run `tether db upgrade`.")
                 raise NotFound(f"Volume type with name or id {volume_type} could not be found.")
-            if not vtype.is_public and not ctx.is_admin:
+            if not vtype.is_public and not ctx.all_projects:
                 raise NotFound(f"Volume type with name or id {volume_type} could not be found.")
             specs = await extra_specs_of(session, vtype.id)
             volume = Volume(
@@ -242,9 +262,9 @@ class VolumeService:
     async def page(self, ctx: Context, params: ListParams) -> Page[VolumeRecord]:
         limit = min(params.limit if params.limit is not None else 1000, 1000)
         conditions: list[ColumnElement[bool]] = []
-        if not (ctx.is_admin and params.all_tenants):
+        if not (ctx.all_projects and params.all_tenants):
             conditions.append(Volume.project_id == ctx.project_id)  # type: ignore[arg-type]
-        if ctx.is_admin and params.all_tenants and "project_id" in params.filters:
+        if ctx.all_projects and params.all_tenants and "project_id" in params.filters:
             conditions.append(Volume.project_id == params.filters["project_id"])  # type: ignore[arg-type]
         for key, value in params.filters.items():
             if key in ("name", "status", "availability_zone"):
@@ -309,8 +329,6 @@ class VolumeService:
             return (await load_records(session, [volume]))[0]
 
     async def delete(self, ctx: Context, volume_id: str, *, force: bool = False) -> None:
-        if force and not ctx.is_admin:
-            raise Forbidden()
         async with self.db.write() as session:
             # the row lock first, as every reservation takes it: the NOT EXISTS below then sees every attachment
             # committed before it (in READ COMMITTED a waiting UPDATE re-checks only its own row, not a subquery),
