@@ -6,6 +6,8 @@ clients never contend for a volume; the numbers are the server's cost per cycle,
 one JSON line per run, with the driver's own CPU per request so a saturated driver is visible.
 
     python benchmarks/attach_cycle.py --base http://127.0.0.1:8776 --clients 8 --seconds 10
+
+Against a keystone-mode server, `--token <a Keystone token> --project <its project id>` (benchmarks/auth_cost.py).
 """
 
 from __future__ import annotations
@@ -66,9 +68,18 @@ async def make_volume(client: Connection, project: str) -> str:
     raise RuntimeError(f"volume {volume_id} never became available")
 
 
-async def run(base: str, clients: int, seconds: float, warmup: float, server_pid: int | None) -> dict[str, object]:
-    project = f"bench{uuid.uuid4().hex[:8]}"
-    headers = {**HEADERS, "X-Auth-Token": f"bench:{project}"}
+async def run(
+    base: str,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    server_pid: int | None,
+    token: str | None = None,
+    project: str | None = None,
+) -> dict[str, object]:
+    # noauth: a project of its own; keystone: the token's project
+    project = project or f"bench{uuid.uuid4().hex[:8]}"
+    headers = {**HEADERS, "X-Auth-Token": token or f"bench:{project}"}
     connections = [Connection(base, headers) for _ in range(clients)]
     volumes = [await make_volume(connections[0], project) for _ in range(clients)]
     latencies: dict[str, list[float]] = {"create": [], "complete": [], "delete": []}
@@ -139,8 +150,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--server-pid", type=int, help="the server's PID: report its CPU per request")
+    parser.add_argument("--token", help="a Keystone token (keystone mode); default: noauth's bench:<project>")
+    parser.add_argument("--project", help="the token's project id (with --token)")
     args = parser.parse_args()
-    print(json.dumps(uvloop.run(run(args.base, args.clients, args.seconds, args.warmup, args.server_pid))))
+    if bool(args.token) != bool(args.project):
+        parser.error("--token and --project go together")
+    result = run(args.base, args.clients, args.seconds, args.warmup, args.server_pid, args.token, args.project)
+    print(json.dumps(uvloop.run(result)))
 
 
 if __name__ == "__main__":
