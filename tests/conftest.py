@@ -6,6 +6,7 @@ Each test works in a project of its own, so tests never see each other's rows an
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -180,6 +181,22 @@ def fault(response: httpx.Response, code: int) -> str:
     assert isinstance(detail["message"], str)
     assert detail["message"]
     return str(detail["message"])
+
+
+@pytest.fixture
+def tether_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog on "tether", which does not propagate to the root logger (pytest attaches caplog to such loggers
+    itself only when they existed before the test phase began; adding the same handler twice is a no-op), at INFO."""
+    logger = logging.getLogger("tether")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.DEBUG)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield caplog
+    finally:
+        logger.setLevel(previous)
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,29 +18,16 @@ def settings_overrides() -> dict[str, Any]:
     return dict(ON)
 
 
-@pytest.fixture
-def access(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog on "tether", which does not propagate to the root logger (pytest attaches caplog to such loggers
-    itself only when they existed before the test phase began; adding the same handler twice is a no-op)."""
-    logger = logging.getLogger("tether")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-
-
 def only_access(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "tether.access"]
 
 
-async def test_one_line_per_request_with_its_fields(api: Api, access: pytest.LogCaptureFixture) -> None:
+async def test_one_line_per_request_with_its_fields(api: Api, tether_log: pytest.LogCaptureFixture) -> None:
     caller = api.as_(user="tok3n-user")  # X-Auth-Token: tok3n-user:<project>
     response = await caller.get("/volumes", params={"limit": "1", "name": "hunter2"})
     assert response.status_code == 200, response.text
 
-    (record,) = only_access(access)
+    (record,) = only_access(tether_log)
     assert record.levelno == logging.INFO
     assert record.method == "GET"  # type: ignore[attr-defined]
     assert record.path == f"/v3/{api.project}/volumes"  # type: ignore[attr-defined]
@@ -60,13 +46,13 @@ async def test_one_line_per_request_with_its_fields(api: Api, access: pytest.Log
     assert "tok3n-user" not in str(vars(record))
 
 
-async def test_faults_are_logged_with_their_status(api: Api, access: pytest.LogCaptureFixture) -> None:
+async def test_faults_are_logged_with_their_status(api: Api, tether_log: pytest.LogCaptureFixture) -> None:
     missing = await api.get("/volumes/00000000-0000-0000-0000-000000000000")
     too_new = await api.get("/volumes", headers={"OpenStack-API-Version": "volume 3.99"})  # refused by the middleware
     no_token = await api.client.get(f"/v3/{api.project}/volumes")
     assert (missing.status_code, too_new.status_code, no_token.status_code) == (404, 406, 401)
 
-    records = only_access(access)
+    records = only_access(tether_log)
     assert [r.status for r in records] == [404, 406, 401]  # type: ignore[attr-defined]
     assert [r.request_id for r in records] == [  # type: ignore[attr-defined]
         r.headers["x-openstack-request-id"] for r in (missing, too_new, no_token)
@@ -109,15 +95,15 @@ async def test_json_line(api: Api, capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("settings_overrides", [{**ON, "access_log": False}])
 async def test_turned_off_it_logs_nothing(
-    api: Api, access: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    api: Api, tether_log: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert (await api.get("/volumes")).status_code == 200
     assert (await api.get("/volumes", headers={"OpenStack-API-Version": "volume 9.0"})).status_code == 406
-    assert only_access(access) == []
+    assert only_access(tether_log) == []
     assert "tether.access" not in capsys.readouterr().err
 
 
-async def test_unversioned_routes_are_logged_too(api: Api, access: pytest.LogCaptureFixture) -> None:
+async def test_unversioned_routes_are_logged_too(api: Api, tether_log: pytest.LogCaptureFixture) -> None:
     assert (await api.client.get("/healthcheck")).status_code == 200
-    (record,) = only_access(access)
+    (record,) = only_access(tether_log)
     assert (record.method, record.path, record.status) == ("GET", "/healthcheck", 200)  # type: ignore[attr-defined]

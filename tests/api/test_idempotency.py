@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,26 +72,11 @@ def assert_replay(first: httpx.Response, again: httpx.Response) -> None:
     assert again.headers["x-openstack-request-id"] != first.headers["x-openstack-request-id"]
 
 
-@pytest.fixture
-def replay_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """caplog on "tether.idempotency" ("tether" does not propagate to the root logger)."""
-    logger = logging.getLogger("tether")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.DEBUG)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield caplog
-    finally:
-        logger.setLevel(previous)
-        logger.removeHandler(caplog.handler)
-
-
 # -- sequential retries ---------------------------------------------------------------------------------------
 
 
 async def test_a_retried_volume_create_gets_the_first_answer_and_makes_one_volume(
-    api: Api, replay_log: pytest.LogCaptureFixture
+    api: Api, tether_log: pytest.LogCaptureFixture
 ) -> None:
     key = str(uuid.uuid4())
     first = await create_volume(api, key, name="data", metadata={"role": "db"})
@@ -107,7 +90,7 @@ async def test_a_retried_volume_create_gets_the_first_answer_and_makes_one_volum
     assert (await api.volume(first.json()["volume"]["id"]))["status"] == "available"
     assert await volumes_of(api) == 1
     assert replays(api, "create_volume") == 1
-    (line,) = [r.getMessage() for r in replay_log.records if r.name == "tether.idempotency"]
+    (line,) = [r.getMessage() for r in tether_log.records if r.name == "tether.idempotency"]
     assert api.project in line
     assert f"volume {first.json()['volume']['id']}" in line
 
@@ -129,7 +112,7 @@ async def test_the_body_is_compared_as_json_not_as_text(api: Api) -> None:
     assert await volumes_of(api) == 1
 
 
-async def test_a_retried_reservation_reserves_once(api: Api, replay_log: pytest.LogCaptureFixture) -> None:
+async def test_a_retried_reservation_reserves_once(api: Api, tether_log: pytest.LogCaptureFixture) -> None:
     volume = await api.create_volume()
     key = str(uuid.uuid4())
     instance = str(uuid.uuid4())
@@ -142,7 +125,7 @@ async def test_a_retried_reservation_reserves_once(api: Api, replay_log: pytest.
     assert [a.id for a in await attachments_of(api, volume["id"])] == [first.json()["attachment"]["id"]]
     assert (await api.volume(volume["id"]))["status"] == "reserved"
     assert replays(api, "create_attachment") == 1
-    (line,) = [r.getMessage() for r in replay_log.records if r.name == "tether.idempotency"]
+    (line,) = [r.getMessage() for r in tether_log.records if r.name == "tether.idempotency"]
     assert f"attachment {first.json()['attachment']['id']}" in line
     assert api.project in line
 

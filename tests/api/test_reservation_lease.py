@@ -5,10 +5,8 @@ nobody connected, recomputes their volumes, and never touches a connected attach
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,20 +28,6 @@ def settings_overrides(request: pytest.FixtureRequest) -> dict[str, Any]:
     return {"reservation_ttl": TTL, "sweep_interval": 0.2, **getattr(request, "param", {})}
 
 
-@pytest.fixture
-def lease_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    logger = logging.getLogger("tether")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.DEBUG)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield caplog
-    finally:
-        logger.setLevel(previous)
-        logger.removeHandler(caplog.handler)
-
-
 async def gone(api: Api, attachment_id: str, within: float) -> float:
     """Seconds until the attachment is gone (fails after `within`)."""
     started = time.monotonic()
@@ -62,7 +46,7 @@ def expired(api: Api) -> float:
 
 
 async def test_a_reservation_nobody_connects_expires_and_the_volume_is_available_again(
-    api: Api, lease_log: pytest.LogCaptureFixture
+    api: Api, tether_log: pytest.LogCaptureFixture
 ) -> None:
     volume = await api.create_volume()
     before = expired(api)
@@ -74,7 +58,7 @@ async def test_a_reservation_nobody_connects_expires_and_the_volume_is_available
     assert TTL * 0.5 < took < TTL + 10
     assert await volume_state(api, volume["id"]) == ("available", "detached")
     assert expired(api) >= before + 1
-    lines = [r for r in lease_log.records if r.name == "tether.sweeper" and reservation["id"] in r.getMessage()]
+    lines = [r for r in tether_log.records if r.name == "tether.sweeper" and reservation["id"] in r.getMessage()]
     (line,) = lines
     assert api.project in line.getMessage()
     assert volume["id"] in line.getMessage()
