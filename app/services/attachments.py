@@ -33,9 +33,10 @@ from app.errors import (
     InvalidAttachment,
     InvalidInput,
     InvalidVolume,
+    TetherError,
 )
 from app.logs import bind
-from app.secrets import SecretBox
+from app.secrets import SecretBox, SecretKeyError
 from app.services.connections import (
     build_connection_info,
     chap_of,
@@ -98,7 +99,11 @@ class AttachmentRecord:
         raw = self.attachment.connection_info
         info: dict[str, Any] = json.loads(raw) if raw else {}
         if isinstance(info.get("auth_password"), str):
-            info["auth_password"] = self.secrets.open(info["auth_password"])
+            try:
+                info["auth_password"] = self.secrets.open(info["auth_password"])
+            except SecretKeyError as error:  # a misconfigured key: say so, as chap_of does, not a bare 500
+                log.error("attachment %s: %s", self.attachment.id, error)
+                raise TetherError("The attachment's CHAP secret cannot be read; check TETHER_SECRET_KEY.") from None
         return info
 
 

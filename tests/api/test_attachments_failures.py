@@ -184,7 +184,7 @@ async def test_failed_reconnect_from_another_host_keeps_the_host_using_it(api: A
     assert target(api).acls(volume["id"]) == {initiator("host1")}
     # and a reconcile (a worker starting) agrees with what the client sees
     report = await api.app.state.reconciler.run()
-    assert not report.errors
+    assert not [error for error in report.errors if volume["id"] in error]  # the database is shared
     assert target(api).acls(volume["id"]) == {initiator("host1")}
 
     # once the target works again, the same re-connect moves the attachment to host2 alone

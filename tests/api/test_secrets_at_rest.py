@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.db.migrate import upgrade
 from app.db.models import Attachment, Volume
 from app.main import create_app
-from tests.conftest import Api, make_settings
+from tests.conftest import Api, fault, make_settings
 
 KEY = "an operator passphrase for tests"
 CONNECTOR = {"initiator": "iqn.1993-08.org.debian:01:atrest", "host": "h1"}
@@ -85,3 +85,19 @@ async def test_secrets_stored_before_the_key_are_sealed_by_reconcile(database_ur
         listed = await api.get(f"/attachments/detail?volume_id={volume['id']}")
         (attachment,) = listed.json()["attachments"]
         assert attachment["connection_info"]["auth_password"] == secret
+
+
+async def test_a_server_without_the_key_says_so_instead_of_a_bare_500(api: Api, database_url: str) -> None:
+    import httpx
+
+    volume = await api.create_volume()
+    created = await api.post("/attachments", {"attachment": {"volume_uuid": volume["id"], "connector": CONNECTOR}})
+    attachment_id = created.json()["attachment"]["id"]
+
+    keyless = create_app(make_settings(database_url))  # TETHER_SECRET_KEY lost from the configuration
+    async with (
+        keyless.router.lifespan_context(keyless),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=keyless), base_url="http://t") as client,
+    ):
+        shown = await Api(client, keyless, api.project).get(f"/attachments/{attachment_id}")
+    assert "check TETHER_SECRET_KEY" in fault(shown, 500)
