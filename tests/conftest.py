@@ -230,6 +230,53 @@ class Server:
         return f"{self.base}/v3"
 
 
+class LiveCaller:
+    """One user in one project speaking 3.71 to a live server over plain HTTP (synchronous)."""
+
+    name_prefix = "live"
+
+    def __init__(self, server: Server, project: str, user: str = "alice", *, timeout: float = 60) -> None:
+        self.server = server
+        self.project = project
+        self.user = user
+        self.http = httpx.Client(
+            base_url=f"{server.endpoint}/{project}",
+            headers={"X-Auth-Token": f"{user}:{project}", "OpenStack-API-Version": "volume 3.71"},
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def ok(self, method: str, path: str, body: Any = None, *, status: int = 200) -> Any:
+        response = self.http.request(method, path, json=body)
+        assert response.status_code == status, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json() if response.content else None
+
+    def create_volume(self, volume_type: str | None = None, *, size: int = 1) -> dict[str, Any]:
+        body: dict[str, Any] = {"size": size, "name": f"{self.name_prefix}-{uuid.uuid4().hex[:6]}"}
+        if volume_type:
+            body["volume_type"] = volume_type
+        volume_id = self.ok("POST", "/volumes", {"volume": body}, status=202)["volume"]["id"]
+        return self.wait_volume(volume_id, "available")
+
+    def volume(self, volume_id: str) -> dict[str, Any]:
+        return self.ok("GET", f"/volumes/{volume_id}")["volume"]  # type: ignore[no-any-return]
+
+    def wait_volume(self, volume_id: str, status: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        while True:
+            volume = self.volume(volume_id)
+            if volume["status"] == status:
+                return volume
+            assert volume["status"] not in ("error", "error_deleting"), volume
+            assert time.monotonic() < deadline, f"volume {volume_id} stuck in {volume['status']}"
+            time.sleep(0.05)
+
+    def attachment(self, attachment_id: str) -> dict[str, Any]:
+        return self.ok("GET", f"/attachments/{attachment_id}")["attachment"]  # type: ignore[no-any-return]
+
+
 def start_server(tmp: Path, env_overrides: dict[str, str] | None = None, workers: int = 1) -> Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}

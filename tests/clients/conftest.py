@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import select
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import ROOT, Server, missing, start_server, stop_server
+from tests.conftest import ROOT, LiveCaller, Server, missing, start_server, stop_server
 from tests.storage.conftest import private_tgtd
 from tests.storage.tgtd import IQN_PREFIX, TgtDaemon, readcapacity
 
@@ -99,41 +97,13 @@ class Driver:
             self.process.stdout.close()
 
 
-class Tether:
+class Tether(LiveCaller):
     """One user in one project speaking 3.71 to the server over plain HTTP."""
 
+    name_prefix = "clients"
+
     def __init__(self, server: Server, project: str, user: str = "alice") -> None:
-        self.server = server
-        self.project = project
-        self.user = user
-        self.http = httpx.Client(
-            base_url=f"{server.endpoint}/{project}",
-            headers={"X-Auth-Token": f"{user}:{project}", "OpenStack-API-Version": "volume 3.71"},
-            timeout=30,
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def ok(self, method: str, path: str, body: Any = None, *, status: int = 200) -> Any:
-        response = self.http.request(method, path, json=body)
-        assert response.status_code == status, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json() if response.content else None
-
-    def create_volume(self, size: int = 1, volume_type: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"size": size, "name": f"clients-{uuid.uuid4().hex[:6]}"}
-        if volume_type:
-            body["volume_type"] = volume_type
-        volume_id = self.ok("POST", "/volumes", {"volume": body}, status=202)["volume"]["id"]
-        deadline = time.monotonic() + 20
-        while (volume := self.volume(volume_id))["status"] == "creating":
-            assert time.monotonic() < deadline, f"volume {volume_id} stuck in creating"
-            time.sleep(0.05)
-        assert volume["status"] == "available", volume
-        return volume
-
-    def volume(self, volume_id: str) -> dict[str, Any]:
-        return self.ok("GET", f"/volumes/{volume_id}")["volume"]  # type: ignore[no-any-return]
+        super().__init__(server, project, user, timeout=30)
 
     def volume_as_admin(self, volume_id: str) -> dict[str, Any]:
         """The volume as an admin sees it (with `host_name` in its attachments)."""
@@ -147,9 +117,6 @@ class Tether:
         """The volume's attachments in detail, by id."""
         found = self.ok("GET", f"/attachments/detail?volume_id={volume_id}")["attachments"]
         return {a["id"]: a for a in found}
-
-    def attachment(self, attachment_id: str) -> dict[str, Any]:
-        return self.ok("GET", f"/attachments/{attachment_id}")["attachment"]  # type: ignore[no-any-return]
 
     def multiattach_type(self) -> str:
         """A volume type whose volumes are multiattach, made by an admin."""

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from app.backends.targets.tgt import TgtTarget, TgtTargetView, parse_targets
-from tests.conftest import ROOT, Server, start_server, stop_server
+from tests.conftest import ROOT, LiveCaller, Server, start_server, stop_server
 from tests.storage.tgtd import IQN_PREFIX, TgtDaemon, readcapacity
 
 pytestmark = pytest.mark.storage
@@ -47,44 +46,10 @@ def connector(initiator: str, host: str) -> dict[str, Any]:
 # -- the stack: a server on file volumes exported by the private tgtd -----------------------------------
 
 
-class Caller:
+class Caller(LiveCaller):
     """One user in one project speaking 3.71 to the server."""
 
-    def __init__(self, server: Server, project: str, user: str = "alice") -> None:
-        self.project = project
-        self.http = httpx.Client(
-            base_url=f"{server.endpoint}/{project}",
-            headers={"X-Auth-Token": f"{user}:{project}", "OpenStack-API-Version": "volume 3.71"},
-            timeout=60,
-        )
-
-    def close(self) -> None:
-        self.http.close()
-
-    def ok(self, method: str, path: str, body: Any = None, *, status: int = 200) -> Any:
-        response = self.http.request(method, path, json=body)
-        assert response.status_code == status, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json() if response.content else None
-
-    def create_volume(self, volume_type: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"size": 1, "name": f"e2e-{uuid.uuid4().hex[:6]}"}
-        if volume_type:
-            body["volume_type"] = volume_type
-        volume_id = self.ok("POST", "/volumes", {"volume": body}, status=202)["volume"]["id"]
-        return self.wait_volume(volume_id, "available")
-
-    def volume(self, volume_id: str) -> dict[str, Any]:
-        return self.ok("GET", f"/volumes/{volume_id}")["volume"]  # type: ignore[no-any-return]
-
-    def wait_volume(self, volume_id: str, status: str) -> dict[str, Any]:
-        deadline = time.monotonic() + 20
-        while True:
-            volume = self.volume(volume_id)
-            if volume["status"] == status:
-                return volume
-            assert volume["status"] not in ("error", "error_deleting"), volume
-            assert time.monotonic() < deadline, f"volume {volume_id} stuck in {volume['status']}"
-            time.sleep(0.05)
+    name_prefix = "e2e"
 
     def attach(self, volume_id: str, conn: dict[str, Any], instance: str | None = None) -> dict[str, Any]:
         body = {"volume_uuid": volume_id, "instance_uuid": instance or str(uuid.uuid4()), "connector": conn}
@@ -94,9 +59,6 @@ class Caller:
 
     def complete(self, attachment_id: str) -> None:
         self.ok("POST", f"/attachments/{attachment_id}/action", {"os-complete": None}, status=204)
-
-    def attachment(self, attachment_id: str) -> dict[str, Any]:
-        return self.ok("GET", f"/attachments/{attachment_id}")["attachment"]  # type: ignore[no-any-return]
 
     def detach(self, attachment_id: str) -> list[dict[str, Any]]:
         return self.ok("DELETE", f"/attachments/{attachment_id}")["attachments"]  # type: ignore[no-any-return]
