@@ -130,6 +130,22 @@ class Tether(LiveCaller):
         return name
 
 
+@pytest.fixture
+def tether(live_server: Server, project: str) -> Iterator[Tether]:
+    """Tether's own view of the test's project on the fake-backend server."""
+    view = Tether(live_server, project)
+    yield view
+    view.close()
+
+
+@pytest.fixture
+def tgt_tether(tgt_server: Server, project: str) -> Iterator[Tether]:
+    """Tether's own view of the test's project on the file+tgt server."""
+    view = Tether(tgt_server, project)
+    yield view
+    view.close()
+
+
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One `tether serve` (SQLite, fake backend) for the module: every test works in a project of its own."""

@@ -40,13 +40,6 @@ class Ironic:
 
 
 @pytest.fixture
-def tether(live_server: Server, project: str) -> Iterator[Tether]:
-    view = Tether(live_server, project)
-    yield view
-    view.close()
-
-
-@pytest.fixture
 def start_ironic(live_server: Server, tmp_path: Path) -> Iterator[Callable[[str], Ironic]]:
     """Ironic with this service token in `[cinder]` (admin_token): sent alone when the conductor acts on its own
     behalf, and as X-Service-Token beside the user's token otherwise."""
@@ -65,13 +58,6 @@ def start_ironic(live_server: Server, tmp_path: Path) -> Iterator[Callable[[str]
 @pytest.fixture
 def ironic(start_ironic: Callable[[str], Ironic], project: str) -> Ironic:
     return start_ironic(f"ironic:{project}")
-
-
-@pytest.fixture
-def tgt_tether(tgt_server: Server, project: str) -> Iterator[Tether]:
-    view = Tether(tgt_server, project)
-    yield view
-    view.close()
 
 
 @pytest.fixture

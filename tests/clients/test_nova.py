@@ -55,24 +55,10 @@ class Nova:
 
 
 @pytest.fixture
-def tether(live_server: Server, project: str) -> Iterator[Tether]:
-    view = Tether(live_server, project)
-    yield view
-    view.close()
-
-
-@pytest.fixture
 def nova(live_server: Server, project: str, tmp_path: Path) -> Iterator[Nova]:
     driver = Driver("nova", "nova_api.py", [live_server.base], tmp_path / "nova.log")
     yield Nova(driver, "alice", project)
     driver.close()
-
-
-@pytest.fixture
-def tgt_tether(tgt_server: Server, project: str) -> Iterator[Tether]:
-    view = Tether(tgt_server, project)
-    yield view
-    view.close()
 
 
 @pytest.fixture
