@@ -268,16 +268,24 @@ class Client:
             await self.legacy_attach()
             return
         item = self.legacy.pop(self.rng.randrange(len(self.legacy)))
-        # refused (400) when the volume is not in-use, e.g. a reservation or another detach is in progress
-        begun = await self.action("os-begin_detaching", item.volume_id)
-        await self.action("os-terminate_connection", item.volume_id, {"connector": item.connector})
-        detached = await self.action("os-detach", item.volume_id, {"attachment_id": item.attachment_id})
-        if detached.status_code != 202 and self.world.resets[item.volume_id] != item.resets:
-            self.world.notes["legacy detach refused: an admin's os-reset_status took the attachment"] += 1
-        elif detached.status_code != 202:
-            self.world.tally.failures.append(f"os-detach of {item.attachment_id} (own, attached): {detached.text}")
-            if begun.status_code == 202:
-                await self.action("os-roll_detaching", item.volume_id)
+        lock = self.world.legacy_locks[item.volume_id]
+        if lock.locked():  # a legacy attach or an admin's reset is at work on the volume: later
+            self.legacy.append(item)
+            return
+        # held against an admin's reset: one between os-begin_detaching and os-detach would take the attachment,
+        # and another client's attach after it would be left `detaching` by this sequence
+        async with lock:
+            if self.world.resets[item.volume_id] != item.resets:
+                self.world.notes["legacy detach dropped: an admin's os-reset_status took the attachment"] += 1
+                return
+            # refused (400) when the volume is not in-use, e.g. a reservation or another detach is in progress
+            begun = await self.action("os-begin_detaching", item.volume_id)
+            await self.action("os-terminate_connection", item.volume_id, {"connector": item.connector})
+            detached = await self.action("os-detach", item.volume_id, {"attachment_id": item.attachment_id})
+            if detached.status_code != 202:
+                self.world.tally.failures.append(f"os-detach of {item.attachment_id} (own, attached): {detached.text}")
+                if begun.status_code == 202:
+                    await self.action("os-roll_detaching", item.volume_id)
 
     # -- an operator at work beside the clients ---------------------------------------------------------------
 
