@@ -54,18 +54,28 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    name = f"tether_test_{uuid.uuid4().hex[:10]}"
+def new_pg_database(prefix: str = "tether_test") -> str:
+    """A new, empty PostgreSQL database (not migrated): its tether URL. No server: a failure in CI, else a skip."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
     except Exception as error:
         missing(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {error}")
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    url = f"{base}/{name}"
+    return f"{base}/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1].split("?", 1)[0]
+    asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    url = new_pg_database()
     upgrade(url)
     yield url
-    asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    drop_pg_database(url)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from app.backends.targets.tgt import parse_targets
@@ -39,9 +40,15 @@ def _control_socket_in_use(control_port: int) -> bool:
 
 
 class TgtDaemon:
-    """tgtd in the foreground on 127.0.0.1:<port>, controlled through /var/run/tgtd/socket.<control_port>."""
+    """tgtd in the foreground on <host>:<port>, controlled through /var/run/tgtd/socket.<control_port>.
 
-    def __init__(self, log_dir: Path | None = None) -> None:
+    `prefix` runs it inside something (`ip netns exec <ns>`, which execs, so the process is tgtd itself); the
+    control socket is a file, so tgtadm reaches it from any network namespace.
+    """
+
+    def __init__(self, log_dir: Path | None = None, *, host: str = "127.0.0.1", prefix: Sequence[str] = ()) -> None:
+        self.host = host
+        self.prefix = list(prefix)
         self.port = 0
         self.control_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,7 +56,7 @@ class TgtDaemon:
 
     @property
     def portal(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> None:
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
@@ -74,7 +81,7 @@ class TgtDaemon:
     def _spawn(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                ["tgtd", "-f", "--iscsi", f"portal={self.portal}", "-C", str(self.control_port)],
+                [*self.prefix, "tgtd", "-f", "--iscsi", f"portal={self.portal}", "-C", str(self.control_port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -96,7 +103,7 @@ class TgtDaemon:
 
     def _portal_listening(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            with socket.create_connection((self.host, self.port), timeout=1):
                 return True
         except OSError:
             return False
