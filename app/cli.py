@@ -1,4 +1,4 @@
-"""The `tether` command: serve, db upgrade, openapi, reconcile."""
+"""The `tether` command: serve, node, db upgrade, openapi, status, reconcile."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.config import Settings
 from app.services.status import StatusReport
@@ -21,10 +22,18 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def _settings() -> Settings:
+    settings = Settings()
+    if settings.nodes == "remote" and settings.is_sqlite:
+        raise CLIError("TETHER_NODES=remote needs PostgreSQL: set TETHER_DATABASE_URL=postgresql+asyncpg://...")
+    return settings
+
+
 def _check(settings: Settings) -> StatusReport:
     from app.backends.dispatch import Dispatcher
-    from app.backends.factory import build_backends
     from app.db.engine import Database
+    from app.node import local_storage
+    from app.secrets import SecretBox
     from app.services.status import status
 
     async def go() -> StatusReport:
@@ -33,7 +42,10 @@ def _check(settings: Settings) -> StatusReport:
         except Exception as error:
             raise CLIError(f"bad database URL {settings.database_url!r}: {_one_line(error)}") from None
         try:
-            return await status(db, Dispatcher(1), build_backends(settings))
+            node = None
+            if settings.nodes == "embedded":
+                node = local_storage(settings, db, Dispatcher(1), SecretBox(settings.secret_key)).node
+            return await status(db, node)
         finally:
             await db.dispose()
 
@@ -46,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.db.migrate import upgrade
     from app.supervisor import watch_workers_closely
 
-    settings = Settings()
+    settings = _settings()
     if settings.is_sqlite:
         if args.workers > 1:
             raise CLIError("SQLite is single-process; use PostgreSQL (TETHER_DATABASE_URL) for --workers > 1")
@@ -79,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _db_upgrade(_args: argparse.Namespace) -> int:
     from app.db.migrate import upgrade
 
-    settings = Settings()
+    settings = _settings()
     try:
         upgrade(settings.database_url)
     except Exception as error:
@@ -89,14 +101,74 @@ def _db_upgrade(_args: argparse.Namespace) -> int:
 
 
 def _status(_args: argparse.Namespace) -> int:
-    settings = Settings()
+    settings = _settings()
     report = _check(settings)
     print(f"database: {report.database}")
-    print(f"backend:  {report.backend} ({settings.volume_backend} volumes, {settings.target} target)")
+    if settings.nodes == "embedded":
+        print(f"backend:  {report.backend} ({settings.volume_backend} volumes, {settings.target} target)")
     for title, counts in (("volumes", report.volumes), ("attachments", report.attachments)):
         listed = ", ".join(f"{status} {count}" for status, count in sorted(counts.items())) or "none"
         print(f"{title}: {listed}")
-    return 0 if report.healthy else 1
+    nodes = _nodes(settings) if report.database == "ok" else []
+    print(f"nodes ({settings.nodes}): {len(nodes)}" + ("" if nodes else " registered"))
+    for node in nodes:
+        capacity = ""
+        if node.total_bytes is not None and node.free_bytes is not None:
+            capacity = f", {node.free_bytes / 1024**3:.1f} of {node.total_bytes / 1024**3:.1f} GiB free"
+        queued = f", {node.queue_depth} job(s) queued" if node.queue_depth is not None else ""
+        state = "up" if node.up else "DOWN"
+        print(
+            f"  {node.name}: {state}, host {node.host}, zone {node.zone}, "
+            f"heartbeat {node.heartbeat_age:.0f} s ago{capacity}{queued}"
+        )
+    down = [node.name for node in nodes if not node.up]
+    return 0 if report.healthy and not down else 1
+
+
+def _nodes(settings: Settings) -> list[Any]:
+    from app.backends.dispatch import Dispatcher
+    from app.db.engine import Database
+    from app.services.nodes import LocalNode, Nodes
+    from app.services.status import node_report
+
+    async def go() -> list[Any]:
+        db = Database(settings.database_url, pool_size=1)
+        try:
+            queue: Any = object() if settings.nodes == "remote" else None  # only asks whether jobs are counted
+            local = None if queue is not None else LocalNode(settings.node_name, Dispatcher(1), None)  # type: ignore[arg-type]
+            nodes = Nodes(db, Dispatcher(1), local=local, queue=queue, down_time=settings.service_down_time)
+            return await node_report(nodes)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(go())
+
+
+def _node(_args: argparse.Namespace) -> int:
+    import signal
+
+    from app.logs import configure_logging
+    from app.node import NodeAgent
+
+    settings = _settings()
+    if settings.is_sqlite:
+        raise CLIError("tether node needs PostgreSQL (TETHER_DATABASE_URL=postgresql+asyncpg://...)")
+    if settings.nodes != "remote":
+        raise CLIError("tether node is the storage agent of TETHER_NODES=remote; set it (and run the API with it)")
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    agent = NodeAgent(settings)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.stopping.set)
+        await agent.run()
+
+    try:
+        asyncio.run(go())
+    except OSError as error:
+        raise CLIError(f"node {settings.node_name} cannot start: {_one_line(error)}") from None
+    return 0
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -112,13 +184,14 @@ def _openapi(args: argparse.Namespace) -> int:
 
 def _reconcile(_args: argparse.Namespace) -> int:
     from app.backends.dispatch import Dispatcher
-    from app.backends.factory import build_backends
     from app.db.engine import Database
     from app.db.locks import cross_process_locks
+    from app.node import local_storage
     from app.secrets import SecretBox
-    from app.services.reconcile import Reconciler
 
-    settings = Settings()
+    settings = _settings()
+    if settings.nodes == "remote":
+        return _reconcile_remote(settings)
     if "fake" in (settings.volume_backend, settings.target):
         # the fake backend keeps its volumes and targets in the server's memory: there is nothing here to
         # compare, and "restoring" exports from this empty copy would only report work that was never needed
@@ -135,7 +208,7 @@ def _reconcile(_args: argparse.Namespace) -> int:
         locks = cross_process_locks(db, settings.distributed_locks)
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         try:
-            report = await Reconciler(db, dispatcher, build_backends(settings), SecretBox(settings.secret_key)).run()
+            report = await local_storage(settings, db, dispatcher, SecretBox(settings.secret_key)).reconciler.run()
         finally:
             if locks is not None:
                 await locks.close()
@@ -143,6 +216,51 @@ def _reconcile(_args: argparse.Namespace) -> int:
         for name, value in vars(report).items():
             print(f"{name}: {len(value)}" + (f" {value}" if value else ""))
         return 1 if report.errors else 0
+
+    return asyncio.run(go())
+
+
+def _reconcile_remote(settings: Settings) -> int:
+    """A reconcile job for every up node, and their reports; this process builds no backend."""
+    from app.backends.base import BackendError
+    from app.backends.dispatch import Dispatcher
+    from app.db.engine import Database
+    from app.errors import ServiceUnavailable
+    from app.queue import JobQueue
+    from app.secrets import SecretBox
+    from app.services.nodes import Nodes
+
+    async def go() -> int:
+        db = Database(settings.database_url)
+        queue = JobQueue(settings.database_url, SecretBox(settings.secret_key))
+        await queue.start()
+        nodes = Nodes(
+            db, Dispatcher(1), queue=queue, timeout=settings.node_timeout, down_time=settings.service_down_time
+        )
+        failed = 0
+        try:
+            services = await nodes.services(fresh=True)
+            if not services:
+                print("no storage node is registered", file=sys.stderr)
+            for name in sorted(services):
+                if not nodes.is_up(services[name]):
+                    print(f"node {name}: down, not reconciled")
+                    failed += 1
+                    continue
+                try:
+                    report = await (await nodes.node_named(name)).call(None, "reconcile", ())
+                except (BackendError, ServiceUnavailable) as error:
+                    print(f"node {name}: reconcile failed: {error}")
+                    failed += 1
+                    continue
+                print(f"node {name}:")
+                for key, value in report.items():
+                    print(f"  {key}: {len(value)}" + (f" {value}" if value else ""))
+                failed += bool(report.get("errors"))
+        finally:
+            await queue.close()
+            await db.dispose()
+        return 1 if failed else 0
 
     return asyncio.run(go())
 
@@ -204,17 +322,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "status",
-        help="is the database reachable, is the backend reachable, counts by status",
-        description="Report whether the database and the storage backend answer, and count volumes and "
-        "attachments by status; exit 1 when either is down.",
+        help="is the database reachable, is the backend reachable, counts by status, every node's state",
+        description="Report whether the database and the storage backend answer, count volumes and "
+        "attachments by status and list every storage node (up or down, heartbeat age, capacity, queued "
+        "jobs); exit 1 when either is down or a node is down.",
         formatter_class=shown,
     ).set_defaults(func=_status)
+
+    node = commands.add_parser(
+        "node",
+        help="run a storage node agent (TETHER_NODES=remote, PostgreSQL)",
+        description="Run this host's storage node: register it (TETHER_NODE_NAME), heartbeat its pool's "
+        "capacity every TETHER_NODE_HEARTBEAT s, run its queue's jobs (volume create and delete, export, "
+        "CHAP and ACLs on its target) and reconcile its own volumes at start and every "
+        "TETHER_RECONCILE_INTERVAL s. It takes the storage settings (TETHER_VOLUME_BACKEND, TETHER_TARGET, "
+        "TETHER_FILE_DIR, TETHER_LVM_*, TETHER_TGT_CONTROL_PORT), TETHER_AVAILABILITY_ZONE and "
+        "TETHER_TARGET_PORTAL; stops on SIGTERM or SIGINT.",
+        formatter_class=shown,
+    )
+    node.set_defaults(func=_node)
 
     commands.add_parser(
         "reconcile",
         help="finish interrupted work and make the target's exports and ACLs match the database",
         description="Finish or roll back interrupted work and make the target's exports and ACLs match the "
-        "database; exit 1 when something could not be fixed.",
+        "database; with TETHER_NODES=remote, every up node reconciles its own (a job each) and its report is "
+        "printed. Exit 1 when something could not be fixed.",
         formatter_class=shown,
     ).set_defaults(func=_reconcile)
     return parser

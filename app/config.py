@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _hostname() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64]
+    return name or "tether"
 
 
 class Settings(BaseSettings):
@@ -36,8 +43,23 @@ class Settings(BaseSettings):
     access_log: bool = True
     # fake backends only: seconds each call sleeps (tests and benchmarks)
     fake_delay: float = Field(default=0.0, ge=0)
+    # SPEC 10: storage nodes. embedded: `tether serve` runs one node in-process (SQLite or PostgreSQL);
+    # remote: `tether serve` is a pure API tier and `tether node` processes do the storage work (PostgreSQL)
+    nodes: Literal["embedded", "remote"] = "embedded"
+    node_name: str = Field(default_factory=_hostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     availability_zone: str = "nova"
-    host: str = "tether@default#default"
+    # the pool's volume_backend_name (a volume type's extra spec of that name picks it) and its pool name
+    backend_name: str = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    pool_name: str = Field(default="default", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # caps the pool's reported total capacity (GiB); the scheduler's free space is that minus what is allocated
+    pool_capacity_gb: int | None = Field(default=None, ge=0)
+    # seconds between two heartbeats of a node (and of an API host); older than service_down_time: down
+    node_heartbeat: float = Field(default=10.0, gt=0)
+    service_down_time: float = Field(default=60.0, gt=0)
+    # seconds between two reconciles of a node's own volumes (a node also reconciles when it starts)
+    reconcile_interval: float = Field(default=300.0, gt=0)
+    # seconds the API tier waits for a node's job before it answers 503
+    node_timeout: float = Field(default=60.0, gt=0)
     reconcile_on_start: bool = True
     # Fernet key or passphrase: CHAP secrets are stored sealed (reconcile seals the ones stored before)
     secret_key: str | None = None
@@ -100,6 +122,11 @@ class Settings(BaseSettings):
     @property
     def service_token_role_set(self) -> frozenset[str]:
         return frozenset(r.strip() for r in self.keystone_service_token_roles.split(",") if r.strip())
+
+    @property
+    def pool_host(self) -> str:
+        """This node's pool as Cinder names it: `<node>@<backend>#<pool>` (a volume's os-vol-host-attr:host)."""
+        return f"{self.node_name}@{self.backend_name}#{self.pool_name}"
 
     @property
     def is_sqlite(self) -> bool:

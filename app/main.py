@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -16,9 +17,8 @@ from fastapi.routing import APIRoute
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.backends.base import Backends
 from app.backends.dispatch import Dispatcher, LockLost, LockTimeout
-from app.backends.factory import build_backends
+from app.backends.factory import connector_validator
 from app.config import Settings
 from app.db.engine import Database
 from app.db.locks import cross_process_locks
@@ -26,11 +26,14 @@ from app.errors import Conflict, ServiceUnavailable, TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
+from app.node import LocalStorage, heartbeat, local_storage
 from app.policy import Policy
+from app.queue import JobQueue
 from app.routers import (
     attachments,
     idempotency,
     operations,
+    os_services,
     scheduler_stats,
     types,
     versions,
@@ -40,10 +43,10 @@ from app.routers import (
 )
 from app.routers.deps import project_path, storable_input, version_header
 from app.secrets import SecretBox
-from app.services.attachments import AttachmentService
+from app.services.attachments import AttachmentService, ConnectorValidator
 from app.services.idempotency import Idempotency, Replayed
 from app.services.legacy import LegacyService
-from app.services.reconcile import Reconciler
+from app.services.nodes import Nodes, every, scheduler_row
 from app.services.sweeper import Sweeper
 from app.services.types import VolumeTypeService
 from app.services.volume_metadata import VolumeMetadataService
@@ -123,7 +126,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 # routing tries routes in this order: attachments, the busiest resource (Nova, bare-metal provisioners), first
-_RESOURCE_MODULES = (attachments, volumes, volume_actions, volume_metadata, types, scheduler_stats)
+_RESOURCE_MODULES = (attachments, volumes, volume_actions, volume_metadata, types, scheduler_stats, os_services)
 
 
 def _api_router() -> APIRouter:
@@ -148,6 +151,38 @@ class _ProjectSegment(Convertor[str]):
         return value
 
 
+async def _start_embedded_node(
+    settings: Settings, storage: LocalStorage, nodes: Nodes, background: list[asyncio.Task[None]]
+) -> None:
+    """The in-process node: its row and heartbeat, its reconcile at start and then every interval."""
+    capacity: list[Any] = [None]
+    try:
+        await heartbeat(nodes, settings, storage.node, capacity)
+    except Exception:  # a worker always starts; the next heartbeat tries again
+        log.exception("registering the embedded storage node failed")
+    background.append(
+        asyncio.create_task(
+            every(
+                settings.node_heartbeat,
+                lambda: heartbeat(nodes, settings, storage.node, capacity),
+                "heartbeat",
+                first=False,
+            ),
+            name="node-heartbeat",
+        )
+    )
+    if settings.reconcile_on_start:
+        try:
+            await storage.reconciler.run()
+        except Exception:  # a worker always starts: what reconcile could not settle, the next one retries
+            log.exception("reconcile at start-up failed; serving anyway")
+    background.append(
+        asyncio.create_task(
+            every(settings.reconcile_interval, storage.reconciler.run, "reconcile", first=False), name="reconcile"
+        )
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level, json_lines=settings.log_json)
@@ -155,23 +190,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
-        backends: Backends = build_backends(settings)
         locks = cross_process_locks(db, settings.distributed_locks)
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         app.state.metrics.watch(dispatcher)
         work = BackgroundWork()
         secrets = SecretBox(settings.secret_key)
-        attachment_service = AttachmentService(db, dispatcher, backends, secrets)
+        queue: JobQueue | None = None
+        storage: LocalStorage | None = None
+        if settings.nodes == "embedded":  # this process is the one storage node
+            storage = local_storage(settings, db, dispatcher, secrets)
+            nodes = storage.nodes
+            validator: ConnectorValidator = storage.backends.target.validate_connector
+            app.state.backends = storage.backends
+            app.state.reconciler = storage.reconciler
+        else:  # a pure API tier: storage work is the nodes' jobs
+            queue = JobQueue(settings.database_url, secrets)
+            await queue.start()
+            app.state.metrics.watch_queue(queue)
+            nodes = Nodes(
+                db, dispatcher, queue=queue, timeout=settings.node_timeout, down_time=settings.service_down_time
+            )
+            validator = connector_validator(settings)
+        attachment_service = AttachmentService(db, nodes, validator, secrets)
         app.state.db = db
-        app.state.backends = backends
         app.state.dispatcher = dispatcher
+        app.state.nodes = nodes
         app.state.work = work
-        app.state.volumes = VolumeService(db, dispatcher, backends, settings, work)
+        app.state.volumes = VolumeService(db, nodes, settings, work)
         app.state.types = VolumeTypeService(db)
         app.state.volume_metadata = VolumeMetadataService(db)
         app.state.attachments = attachment_service
         app.state.legacy = LegacyService(db, attachment_service)
-        app.state.reconciler = Reconciler(db, dispatcher, backends, secrets)
         app.state.idempotency = Idempotency(db, secrets, settings.idempotency_ttl)
         sweeper = Sweeper(
             db,
@@ -186,19 +235,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             from app.keystone import TokenValidator  # keystoneauth1 is imported only where it is used
 
             app.state.keystone = TokenValidator(settings)
-        if settings.reconcile_on_start:
-            try:
-                await app.state.reconciler.run()
-            except Exception:  # a worker always starts: what reconcile could not settle, the next one retries
-                log.exception("reconcile at start-up failed; serving anyway")
+        background: list[asyncio.Task[None]] = []
+        if storage is not None:
+            await _start_embedded_node(settings, storage, nodes, background)
+        background.append(
+            asyncio.create_task(
+                every(settings.node_heartbeat, lambda: nodes.heartbeat(scheduler_row(settings)), "heartbeat"),
+                name="api-heartbeat",
+            )
+        )
         sweeper.start()
         try:
             yield
         finally:
             await sweeper.stop()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await work.idle()
             if app.state.keystone is not None:
                 await app.state.keystone.aclose()
+            if queue is not None:
+                await queue.close()
             if locks is not None:
                 await locks.close()
             await db.dispose()
@@ -214,6 +272,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.policy = Policy(settings.policy_file)
     app.state.keystone = None
+    app.state.backends = None
+    app.state.reconciler = None
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.metrics = Metrics()
     app.add_middleware(APIMiddleware)

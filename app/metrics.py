@@ -1,11 +1,12 @@
 """Prometheus metrics: requests per route, backend operations, the dispatcher, resources by status, replayed
-requests and expired reservations."""
+requests, expired reservations, and per storage node its jobs, queue depth and heartbeat age."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from app.backends.dispatch import Dispatcher
+from app.queue import JobQueue
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -60,6 +61,48 @@ class Metrics:
             "Reservations removed by the lease (TETHER_RESERVATION_TTL) in this process's sweeps.",
             registry=self.registry,
         )
+
+        self.job_duration = Histogram(
+            "tether_node_job_duration_seconds",
+            "Time from a job's enqueue to its outcome, as the waiting API process saw it, by node and operation.",
+            ["node", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.job_failures = Counter(
+            "tether_node_job_failures",
+            "Jobs that failed or had no outcome within TETHER_NODE_TIMEOUT, by node and operation.",
+            ["node", "operation"],
+            registry=self.registry,
+        )
+        self.node_queue_depth = Gauge(
+            "tether_node_queue_depth", "Jobs waiting in each node's queue.", ["node"], registry=self.registry
+        )
+        self.heartbeat_age = Gauge(
+            "tether_node_heartbeat_age_seconds",
+            "Seconds since each node's last heartbeat.",
+            ["node"],
+            registry=self.registry,
+        )
+        self.node_up = Gauge("tether_node_up", "1 when the node is up, 0 when down.", ["node"], registry=self.registry)
+
+    def observe_job(self, node: str, operation: str, seconds: float, failed: bool) -> None:
+        self.job_duration.labels(node, operation).observe(seconds)
+        if failed:
+            self.job_failures.labels(node, operation).inc()
+
+    def watch_queue(self, queue: JobQueue) -> None:
+        queue.observers.append(self.observe_job)
+
+    def set_nodes(self, nodes: list[tuple[str, float, bool, int | None]]) -> None:
+        """(name, heartbeat age, up, queue depth) of every node."""
+        for gauge in (self.node_queue_depth, self.heartbeat_age, self.node_up):
+            gauge.clear()
+        for name, age, up, depth in nodes:
+            self.heartbeat_age.labels(name).set(age)
+            self.node_up.labels(name).set(1 if up else 0)
+            if depth is not None:
+                self.node_queue_depth.labels(name).set(depth)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()

@@ -87,7 +87,7 @@ class Runner:
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         self.check()
-        return await self._dispatcher._call(fn, *args)
+        return await self._dispatcher.call(fn, *args)
 
 
 class Dispatcher:
@@ -109,7 +109,8 @@ class Dispatcher:
     def waiting(self) -> int:
         return self._limiter.statistics().tasks_waiting
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run one blocking call in the pool (the caller serialises per volume)."""
         started = time.perf_counter()
         failed = True
         try:
@@ -120,6 +121,10 @@ class Dispatcher:
             name = getattr(fn, "__name__", "call")
             for observe in self.observers:
                 observe(name, time.perf_counter() - started, failed)
+
+    def hold(self, key: str) -> AbstractAsyncContextManager[Lease | None]:
+        """Hold `key` (a volume id), waiting at most lock_timeout; the lease says whether it is still held."""
+        return self._locks.hold(key, self.lock_timeout)
 
     @asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[Runner]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 from app.backends.base import Backends, Target, VolumeStore
+from app.backends.connectors import validate_iscsi_connector
 from app.backends.targets.fake import FakeTarget
 from app.backends.volumes.fake import FakeVolumeStore
 from app.config import Settings
@@ -44,3 +48,12 @@ def build_backends(settings: Settings) -> Backends:
 
         target = LioTarget(settings.target_iqn_prefix, settings.target_portal)
     return Backends(volumes=volumes, target=target)
+
+
+def connector_validator(settings: Settings) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The target's connector check without a target (an API tier in front of remote nodes)."""
+    if settings.target == "lio":
+        from app.backends.targets.lio import validate_lio_connector
+
+        return validate_lio_connector
+    return validate_iscsi_connector

@@ -25,5 +25,10 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Blocking: run from a thread or before the event loop starts."""
+    """Blocking: run from a thread or before the event loop starts. On PostgreSQL it also installs the job
+    queue's schema (procrastinate's tables and functions; SPEC 10)."""
     command.upgrade(alembic_config(url), revision)
+    if url.startswith("postgresql"):
+        from app.queue import install_schema
+
+        install_schema(url)

@@ -1,5 +1,5 @@
 """Tables: volumes, their metadata and types, attachments, the connector rows of each attachment, and the
-Idempotency-Key answers."""
+Idempotency-Key answers; the storage nodes and API hosts (services) and their jobs' results."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from uuid import uuid4
 
-from sqlalchemy import Boolean, Column, ForeignKey, Index, String, Text, false, text
+from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, String, Text, false, text
 from sqlmodel import Field, SQLModel
 
 
@@ -89,7 +89,8 @@ class Volume(SQLModel, table=True):
     )
     multiattach: bool = False
     bootable: bool = False
-    host: str | None = Field(default=None, max_length=255)
+    # `<node>@<backend>#<pool>`: the storage node that holds it (SPEC 10); every job of the volume goes there
+    host: str | None = Field(default=None, max_length=255, index=True)
     migration_status: str | None = Field(default=None, max_length=255)
     replication_status: str | None = Field(default=None, max_length=255)
     # where the target exports it, and the volume's CHAP credentials ("CHAP <user> <secret>")
@@ -179,3 +180,46 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime = Field(index=True)
+
+
+class Service(SQLModel, table=True):
+    """A storage node (binary cinder-volume) or an API host (cinder-scheduler), as `os-services` lists them.
+
+    A node's row carries its pool's capacity from its last heartbeat; a restarted node reuses its row.
+    """
+
+    __tablename__ = "services"
+
+    binary: str = Field(primary_key=True, max_length=64)
+    name: str = Field(primary_key=True, max_length=64)
+    backend_name: str | None = Field(default=None, max_length=64)
+    pool_name: str | None = Field(default=None, max_length=64)
+    availability_zone: str = Field(max_length=255)
+    portal: str | None = Field(default=None, max_length=255)
+    volume_backend: str | None = Field(default=None, max_length=32)
+    target: str | None = Field(default=None, max_length=32)
+    thin: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=false()))
+    total_bytes: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    free_bytes: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def host(self) -> str:
+        """What os-services shows: `<node>@<backend>` for a node, the host name for an API host."""
+        return f"{self.name}@{self.backend_name}" if self.backend_name else self.name
+
+    @property
+    def pool_host(self) -> str:
+        return f"{self.name}@{self.backend_name}#{self.pool_name}"
+
+
+class NodeJobResult(SQLModel, table=True):
+    """What a node's job answered (procrastinate keeps no results): written by the node, read once by the API."""
+
+    __tablename__ = "node_job_results"
+
+    job_id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    ok: bool
+    result: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)

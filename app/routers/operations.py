@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app import policy
 from app.errors import Forbidden
 from app.routers.deps import get_caller
-from app.services.status import counts
+from app.services.status import counts, node_states
 
 router = APIRouter(tags=["operations"])
 
@@ -37,4 +37,5 @@ async def metrics(request: Request, _caller: Annotated[None, Depends(_metrics_re
     state = request.app.state
     volumes, attachments = await counts(state.db)
     state.metrics.set_counts(volumes, attachments)
+    state.metrics.set_nodes(await node_states(state.nodes))
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

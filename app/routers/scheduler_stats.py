@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -14,7 +13,6 @@ from app.routers.docs import faults, since
 from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import PoolList
 from app.services.listing import parse_bool
-from app.services.status import capacity
 
 router = APIRouter(prefix="/scheduler-stats", tags=["scheduler stats"])
 
@@ -24,7 +22,7 @@ GIB = 1024**3
 @router.get(
     "/get_pools",
     operation_id="list_pools",
-    summary="Capacity of this node's storage pool (admin; cinder get-pools)",
+    summary="Every storage node's pool and its capacity (admin; cinder get-pools)",
     response_model=PoolList,
     responses=faults(403),
     openapi_extra=since(),
@@ -36,22 +34,25 @@ async def list_pools(
 ) -> JSONResponse:
     auth.caller(policy.GET_POOLS)
     state = request.app.state
-    settings = state.settings
-    pool: dict[str, Any] = {"name": settings.host}
-    if parse_bool("detail", detail):
-        free = await capacity(state.dispatcher, state.backends)
-        pool["capabilities"] = {
-            "pool_name": settings.host.rpartition("#")[2],
-            "volume_backend_name": settings.volume_backend,
-            "vendor_name": "Tether",
-            "driver_version": request.app.version,
-            "storage_protocol": "iSCSI",
-            "total_capacity_gb": round(free.total_bytes / GIB, 2),
-            "free_capacity_gb": round(free.free_bytes / GIB, 2),
-            "reserved_percentage": 0,
-            "thin_provisioning_support": settings.volume_backend == "lvm" and settings.lvm_type == "thin",
-            "thick_provisioning_support": not (settings.volume_backend == "lvm" and settings.lvm_type == "thin"),
-            "multiattach": True,
-            "timestamp": views.when(datetime.now(UTC)),
-        }
-    return views.reply({"pools": [pool]})
+    pools: list[dict[str, Any]] = []
+    # every node's pool, down ones too, with the capacities of its last heartbeat
+    for service in sorted((await state.nodes.services(fresh=True)).values(), key=lambda s: s.name):
+        pool: dict[str, Any] = {"name": service.pool_host}
+        if parse_bool("detail", detail):
+            pool["capabilities"] = {
+                "pool_name": service.pool_name,
+                "volume_backend_name": service.backend_name,
+                "vendor_name": "Tether",
+                "driver_version": request.app.version,
+                "storage_protocol": "iSCSI",
+                "total_capacity_gb": round((service.total_bytes or 0) / GIB, 2),
+                "free_capacity_gb": round((service.free_bytes or 0) / GIB, 2),
+                "reserved_percentage": 0,
+                "thin_provisioning_support": service.thin,
+                "thick_provisioning_support": not service.thin,
+                "multiattach": True,
+                "availability_zone": service.availability_zone,
+                "timestamp": views.when(service.heartbeat_at),
+            }
+        pools.append(pool)
+    return views.reply({"pools": pools})

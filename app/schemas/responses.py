@@ -188,6 +188,20 @@ class PoolList(BaseModel):
     pools: list[Pool]
 
 
+class ServiceView(BaseModel):
+    binary: str
+    host: str
+    zone: str
+    status: str
+    state: str
+    updated_at: str | None
+    disabled_reason: str | None = None
+
+
+class ServiceList(BaseModel):
+    services: list[ServiceView]
+
+
 class VersionView(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 

@@ -21,8 +21,7 @@ from sqlalchemy import ColumnElement, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Context
-from app.backends.base import BackendError, Backends, Chap, InvalidConnector
-from app.backends.dispatch import Dispatcher, Runner
+from app.backends.base import BackendError, Chap, InvalidConnector
 from app.db.engine import Database
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, utcnow
 from app.errors import (
@@ -50,6 +49,7 @@ from app.services.connections import (
 )
 from app.services.idempotency import Answer
 from app.services.listing import ListParams, Page, apply_order, keyset_after
+from app.services.nodes import NodeRunner, Nodes
 from app.services.transitions import (
     ATTACHMENT_BY_ID,
     ATTACHMENTS_OF,
@@ -108,6 +108,8 @@ class AttachmentRecord:
 
 
 Undo = Callable[[AsyncSession], Awaitable[None]]
+# the target's connector check (Target.validate_connector): pure, so the API tier runs it without a node
+ConnectorValidator = Callable[[Mapping[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -138,11 +140,11 @@ def effective_mode(attachment: Attachment) -> str:
 
 class AttachmentService:
     def __init__(
-        self, db: Database, dispatcher: Dispatcher, backends: Backends, secrets: SecretBox | None = None
+        self, db: Database, nodes: Nodes, validator: ConnectorValidator, secrets: SecretBox | None = None
     ) -> None:
         self.db = db
-        self.dispatcher = dispatcher
-        self.backends = backends
+        self.nodes = nodes
+        self.validator = validator
         self.secrets = secrets or SecretBox(None)
         # attachment id -> (volume id, project id): both are fixed for an attachment's life, so the volume whose
         # lock a delete or an update needs is known without a query; a stale entry (deleted elsewhere) only
@@ -245,7 +247,7 @@ class AttachmentService:
 
     def validate_connector(self, connector: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            checked = self.backends.target.validate_connector(connector)
+            checked = self.validator(connector)
         except InvalidConnector as error:
             raise InvalidInput(f"Invalid input for field/attribute connector.{error.key}: {error.reason}.") from None
         mountpoint = checked.get("mountpoint")
@@ -392,7 +394,7 @@ class AttachmentService:
         idempotency: Answer[AttachmentRecord] | None = None,
     ) -> AttachmentRecord:
         async def work() -> AttachmentRecord:
-            async with self.dispatcher.exclusive(volume_id) as run:
+            async with self.nodes.exclusive(volume_id) as run:
                 return await self.connect_claimed(claim, connector, run, idempotency=idempotency)
 
         return await shielded(work)
@@ -506,24 +508,26 @@ class AttachmentService:
         self,
         claim: Claimer,
         connector: dict[str, Any],
-        run: Runner,
+        run: NodeRunner,
         *,
         idempotency: Answer[AttachmentRecord] | None = None,
     ) -> AttachmentRecord:
         """The one connect sequence (call under the volume's lock): claim, export and ACL, record.
 
-        `idempotency`: the claim took the request's key; the record stores its answer, in one transaction.
+        The node's connect job is part of the claim's transaction (no claim without its job); a node that is
+        down is a 503 before the claim. `idempotency`: the claim took the request's key; the record stores its
+        answer, in one transaction.
         """
         initiator = str(connector["initiator"])
+        await run.require()
         async with self.db.write() as session:
             claimed = await claim(session)
+            pending = await run.defer(session, "connect", volume_ref(claimed.volume), claimed.chap, initiator)
         attachment, volume, chap = claimed.attachment, claimed.volume, claimed.chap
         bind(attachment_id=attachment.id)
         self._remember(attachment.id, volume.id, volume.project_id)
-        ref = volume_ref(volume)
         try:
-            export = await run(self.backends.target.create_export, ref, self.backends.volumes.path(ref), chap)
-            await run(self.backends.target.add_initiator, ref, initiator)
+            export = await pending.result()
         except BackendError as error:
             log.error("connecting attachment %s of volume %s failed: %s", attachment.id, volume.id, error)
             await self._undo(claimed, initiator, run)
@@ -556,12 +560,12 @@ class AttachmentService:
                 await idempotency.complete(session, result, attachment.id)
         if claimed.replaced:
             try:
-                await release(self.db, run, self.backends.target, volume.id, [claimed.replaced])
+                await release(self.db, run, volume.id, [claimed.replaced])
             except BackendError as error:  # reconcile removes it later: the database no longer wants it
                 log.error("removing the replaced ACL of volume %s failed: %s", volume.id, error)
         return result
 
-    async def _undo(self, claimed: Claim, initiator: str, run: Runner) -> None:
+    async def _undo(self, claimed: Claim, initiator: str, run: NodeRunner) -> None:
         """After a failed connect: the claim undone, and no ACL or export left that nothing else needs."""
         volume_id = claimed.volume.id
         async with self.db.write() as session:
@@ -569,7 +573,7 @@ class AttachmentService:
             await lock_volume(session, volume_id)
             await claimed.undo(session)
         try:
-            await release(self.db, run, self.backends.target, volume_id, [initiator])
+            await release(self.db, run, volume_id, [initiator])
         except BackendError as error:
             log.error("cleaning up after a failed connect of volume %s failed: %s", volume_id, error)
 
@@ -603,13 +607,13 @@ class AttachmentService:
         volume_id = await self._volume_of(ctx, attachment_id)
 
         async def work() -> list[Attachment]:
-            async with self.dispatcher.exclusive(volume_id) as run:
+            async with self.nodes.exclusive(volume_id) as run:
                 return await self.remove_locked(ctx, attachment_id, volume_id, run, guarded=guarded)
 
         return await shielded(work)
 
     async def remove_locked(
-        self, ctx: Context, attachment_id: str, volume_id: str, run: Runner, *, guarded: bool
+        self, ctx: Context, attachment_id: str, volume_id: str, run: NodeRunner, *, guarded: bool
     ) -> list[Attachment]:
         async with self.db.read() as session:
             # every attachment of the volume with its initiator, in one query: this one, and what else uses
@@ -625,7 +629,7 @@ class AttachmentService:
             initiator = json.loads(this.value) if this.value else None
             plan = teardown(volume_id, rows, [initiator] if initiator else [], other_than=attachment_id)
             try:
-                await plan.apply(run, self.backends.target)
+                await plan.apply(run)
             except BackendError as error:
                 log.error("disconnecting attachment %s of volume %s failed: %s", attachment_id, volume_id, error)
                 async with self.db.write() as session:

@@ -15,19 +15,21 @@ import secrets
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, bindparam, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.backends.base import Chap, ExportInfo, Target, VolumeRef
+from app.backends.base import Chap, ExportInfo, VolumeRef
 from app.backends.connectors import wants_multipath
-from app.backends.dispatch import Runner
 from app.db.engine import Database
 from app.db.models import Attachment, Volume
 from app.errors import TetherError
 from app.secrets import SecretBox, SecretKeyError
 from app.services.transitions import CONNECTED, INITIATORS, A, S, one_of
+
+if TYPE_CHECKING:
+    from app.services.nodes import NodeRunner
 
 log = logging.getLogger("tether.connections")
 
@@ -150,12 +152,11 @@ class Teardown:
     initiators: tuple[str, ...]
     export: bool
 
-    async def apply(self, run: Runner, target: Target) -> None:
-        ref = VolumeRef(id=self.volume_id, size_gb=0)  # removal needs the name, never the size
-        for initiator in self.initiators:
-            await run(target.remove_initiator, ref, initiator)
-        if self.export:
-            await run(target.remove_export, ref)
+    async def apply(self, run: NodeRunner) -> None:
+        """One operation on the volume's node: the ACLs, then the export."""
+        if self.initiators or self.export:
+            ref = VolumeRef(id=self.volume_id, size_gb=0)  # removal needs the name, never the size
+            await run("disconnect", ref, list(self.initiators), self.export)
 
 
 def teardown(volume_id: str, rows: Sequence[Any], initiators: Iterable[str], *, other_than: str | None) -> Teardown:
@@ -169,9 +170,9 @@ def teardown(volume_id: str, rows: Sequence[Any], initiators: Iterable[str], *, 
     return Teardown(volume_id, dropped, export=not connected)
 
 
-async def release(db: Database, run: Runner, target: Target, volume_id: str, initiators: Iterable[str]) -> None:
+async def release(db: Database, run: NodeRunner, volume_id: str, initiators: Iterable[str]) -> None:
     """Make the target lose what the database, as committed, no longer needs of `initiators` (call under the
     volume's lock)."""
     async with db.read() as session:
         rows = (await session.execute(INITIATORS, {"volume_id": volume_id})).all()
-    await teardown(volume_id, rows, initiators, other_than=None).apply(run, target)
+    await teardown(volume_id, rows, initiators, other_than=None).apply(run)

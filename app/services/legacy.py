@@ -21,7 +21,7 @@ from app.auth import Context
 from app.backends.base import BackendError
 from app.db.engine import Database
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, utcnow
-from app.errors import BackendFailure, InUseByServer, InvalidAttachment, InvalidInput, InvalidVolume
+from app.errors import BackendFailure, InUseByServer, InvalidAttachment, InvalidInput, InvalidVolume, ServiceUnavailable
 from app.services.attachments import AttachmentRecord, AttachmentService, Claim, effective_mode, shielded
 from app.services.connections import release, store_connector, users
 from app.services.transitions import (
@@ -46,8 +46,7 @@ class LegacyService:
     def __init__(self, db: Database, attachments: AttachmentService) -> None:
         self.db = db
         self.attachments = attachments
-        self.backends = attachments.backends
-        self.dispatcher = attachments.dispatcher
+        self.nodes = attachments.nodes
 
     async def reserve(self, ctx: Context, volume_id: str) -> None:
         await self.attachments.reserve(ctx, volume_id=volume_id, legacy=True)
@@ -60,7 +59,7 @@ class LegacyService:
         """
 
         async def work() -> None:
-            async with self.dispatcher.exclusive(volume_id) as run:
+            async with self.nodes.exclusive(volume_id) as run:
                 async with self.db.write() as session:
                     volume = await load_volume(session, ctx, volume_id, lock=True)
                     if volume.status != VolumeStatus.ATTACHING:
@@ -257,7 +256,8 @@ class LegacyService:
             volume = await load_volume(session, ctx, volume_id)
 
         async def work() -> None:
-            async with self.dispatcher.exclusive(volume.id) as run:
+            async with self.nodes.exclusive(volume.id) as run:
+                await run.require()  # a node that is down: 503 before the rows change
                 async with self.db.write() as session:
                     await lock_volume(session, volume.id)
                     using = await users(session, volume.id)
@@ -279,7 +279,7 @@ class LegacyService:
                             .values(terminated=true(), updated_at=utcnow())
                         )
                 try:
-                    await release(self.db, run, self.backends.target, volume.id, [initiator])
+                    await release(self.db, run, volume.id, [initiator])
                 except BackendError as error:
                     log.error("terminating the connection of volume %s failed: %s", volume.id, error)
                     raise BackendFailure(f"Unable to terminate the connection of volume {volume.id}.") from None
@@ -330,7 +330,7 @@ class LegacyService:
             volume = await load_volume(session, ctx, volume_id)
 
         async def work() -> None:
-            async with self.dispatcher.exclusive(volume.id) as run:
+            async with self.nodes.exclusive(volume.id) as run:
                 async with self.db.write() as session:
                     await load_volume(session, ctx, volume_id, lock=True)
                     values: dict[str, Any] = {"updated_at": utcnow()}
@@ -346,13 +346,12 @@ class LegacyService:
                             self.attachments.forget(attachment_id)
                     await session.execute(update(Volume).where(Volume.id == volume.id).values(**values))  # type: ignore[arg-type]
                 if attach_status == AttachStatus.DETACHED:
-                    target = self.backends.target
                     try:
-                        exported = (await run(target.exports)).get(volume.id)
-                        for initiator in sorted(exported.initiators if exported else ()):
-                            await run(target.remove_initiator, volume_ref(volume), initiator)
-                        await run(target.remove_export, volume_ref(volume))
-                    except BackendError as error:  # reconcile removes what the database no longer wants
+                        await run("drop_export", volume_ref(volume))
+                    except (
+                        BackendError,
+                        ServiceUnavailable,
+                    ) as error:  # reconcile removes what the database no longer wants
                         log.error("removing the export of reset volume %s failed: %s", volume.id, error)
 
         await shielded(work)

@@ -1,21 +1,27 @@
-"""Start-up (and on-demand) reconcile: finish or roll back what a crash interrupted, and make the
-target's exports and ACLs match the database exactly."""
+"""A node's reconcile (at start, every TETHER_RECONCILE_INTERVAL, and on demand): finish or roll back what a
+crash interrupted, and make its target's exports and ACLs match the database exactly, for its own volumes only.
+
+The reconciler is also the node's side of the volume jobs: `finish_create` and `finish_delete` are the same
+steps that settle a `creating` or `deleting` volume after a crash.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from sqlalchemy import delete, func, select, update
 
-from app.backends.base import BackendError, Backends, ExportState, VolumeRef
-from app.backends.dispatch import Dispatcher, Runner
+from app.backends.base import BackendError, ExportState, VolumeRef
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.secrets import SEALED, SecretBox
 from app.services import idempotency
 from app.services.connections import chap_of, provider_auth
+from app.services.nodes import NodeRunner, Nodes
 from app.services.transitions import CONNECTED, lock_volume, recompute_volume
 from app.services.volumes import remove_deleted
 
@@ -40,12 +46,33 @@ class ReconcileReport:
 
 class Reconciler:
     def __init__(
-        self, db: Database, dispatcher: Dispatcher, backends: Backends, secrets: SecretBox | None = None
+        self, db: Database, nodes: Nodes, secrets: SecretBox | None = None, *, own_host: str | None = None
     ) -> None:
+        """`nodes`: this process's own storage (nodes.local); `own_host`: the one pool it reconciles (a node),
+        or None for every volume in the database (embedded: this process is the only node)."""
+        assert nodes.local is not None
         self.db = db
-        self.dispatcher = dispatcher
-        self.backends = backends
+        self.nodes = nodes
+        self.local = nodes.local
         self.secrets = secrets or SecretBox(None)
+        self.own_host = own_host
+        nodes.local.side = self
+
+    def _mine(self) -> list[Any]:
+        return [] if self.own_host is None else [Volume.host == self.own_host]
+
+    async def sequence(self, op: str, args: tuple[Any, ...]) -> Any:
+        """A node-side job: a volume's create or delete with its status change, or a whole reconcile."""
+        if op == "reconcile":
+            return asdict(await self.run())
+        (ref,) = args
+        report = ReconcileReport()
+        async with self.nodes.exclusive(ref.id) as run:
+            if op == "finish_create":
+                await self._finish_create(run, ref, report)
+            else:
+                await self._finish_delete(run, ref, report, final=True)
+        return None
 
     async def run(self) -> ReconcileReport:
         report = ReconcileReport()
@@ -94,13 +121,14 @@ class Reconciler:
             stuck = (
                 await session.execute(
                     select(Volume.id, Volume.size, Volume.status).where(
-                        Volume.status.in_((VolumeStatus.CREATING, VolumeStatus.DELETING))  # type: ignore[attr-defined]
+                        Volume.status.in_((VolumeStatus.CREATING, VolumeStatus.DELETING)),  # type: ignore[attr-defined]
+                        *self._mine(),
                     )
                 )
             ).all()
         for volume_id, size, status in stuck:
             try:
-                async with self.dispatcher.exclusive(volume_id) as run:
+                async with self.nodes.exclusive(volume_id) as run:
                     if status == VolumeStatus.CREATING:
                         await self._finish_create(run, VolumeRef(id=volume_id, size_gb=size), report)
                     else:
@@ -109,26 +137,38 @@ class Reconciler:
                 log.exception("reconcile: volume %s: %s", volume_id, error)
                 report.errors.append(f"volume {volume_id}")
 
-    async def _finish_create(self, run: Runner, ref: VolumeRef, report: ReconcileReport) -> None:
+    async def _finish_create(self, run: NodeRunner, ref: VolumeRef, report: ReconcileReport) -> None:
+        async with self.db.read() as session:
+            status = await session.scalar(select(Volume.status).where(Volume.id == ref.id))  # type: ignore[arg-type]
+        if status != VolumeStatus.CREATING:  # a job run again after its first run settled it (or an admin did)
+            return
         try:
-            await run(self.backends.volumes.create, ref)
+            await run("create_volume", ref)
             outcome, bucket = VolumeStatus.AVAILABLE, report.volumes_created
         except BackendError as error:
-            log.error("reconcile: creating volume %s failed: %s", ref.id, error)
+            log.error("creating volume %s failed: %s", ref.id, error)
             outcome, bucket = VolumeStatus.ERROR, report.volumes_failed
+        await self._set_status(ref.id, VolumeStatus.CREATING, outcome)
+        bucket.append(ref.id)
+
+    async def _set_status(self, volume_id: str, expected: VolumeStatus, new: VolumeStatus) -> None:
         async with self.db.write() as session:
             await session.execute(
                 update(Volume)
-                .where(Volume.id == ref.id, Volume.status == VolumeStatus.CREATING)  # type: ignore[arg-type]
-                .values(status=outcome, updated_at=utcnow())
+                .where(Volume.id == volume_id, Volume.status == expected)  # type: ignore[arg-type]
+                .values(status=new, updated_at=utcnow())
             )
-        bucket.append(ref.id)
 
-    async def _finish_delete(self, run: Runner, ref: VolumeRef, report: ReconcileReport) -> None:
+    async def _finish_delete(
+        self, run: NodeRunner, ref: VolumeRef, report: ReconcileReport, *, final: bool = False
+    ) -> None:
         """A volume left `deleting`: its storage goes, then its row; never a volume that has attachments (an
         admin's os-reset_status to `deleting` on an attached one): that one becomes error_deleting, storage kept."""
         async with self.db.write() as session:
             await lock_volume(session, ref.id)
+            status = await session.scalar(select(Volume.status).where(Volume.id == ref.id))  # type: ignore[arg-type]
+            if status != VolumeStatus.DELETING:  # gone already (a job run twice), or an admin moved it
+                return
             attached = await session.scalar(select(func.count()).where(Attachment.volume_id == ref.id))  # type: ignore[arg-type]
             if attached:
                 await session.execute(
@@ -137,16 +177,16 @@ class Reconciler:
                     .values(status=VolumeStatus.ERROR_DELETING, updated_at=utcnow())
                 )
         if attached:
-            log.error(
-                "reconcile: volume %s is deleting but has %d attachment(s): its storage is kept", ref.id, attached
-            )
+            log.error("volume %s is deleting but has %d attachment(s): its storage is kept", ref.id, attached)
             report.errors.append(f"delete {ref.id}: it has attachments")
             return
         try:
-            await run(self.backends.volumes.delete, ref)
+            await run("delete_volume", ref)
         except BackendError as error:
-            log.error("reconcile: deleting volume %s failed: %s", ref.id, error)
+            log.error("deleting volume %s failed: %s", ref.id, error)
             report.errors.append(f"delete {ref.id}")
+            if final:  # the delete job itself: error_deleting, as Cinder (a reconcile retries instead)
+                await self._set_status(ref.id, VolumeStatus.DELETING, VolumeStatus.ERROR_DELETING)
             return
         async with self.db.write() as session:
             await session.execute(remove_deleted(ref.id))
@@ -162,9 +202,12 @@ class Reconciler:
         async with self.db.read() as session:
             rows = (
                 await session.execute(
-                    select(Attachment.id, Attachment.volume_id).where(
+                    select(Attachment.id, Attachment.volume_id)
+                    .join(Volume, Volume.id == Attachment.volume_id)  # type: ignore[arg-type]
+                    .where(
                         Attachment.attach_status == AttachStatus.ATTACHING,  # type: ignore[arg-type]
                         Attachment.connection_info.is_(None),  # type: ignore[union-attr]
+                        *self._mine(),
                     )
                 )
             ).all()
@@ -178,7 +221,7 @@ class Reconciler:
     async def _roll_back(self, attachment_id: str, volume_id: str, report: ReconcileReport) -> None:
         """Back to reserved; but a keyed create with a connector (its Idempotency-Key still in flight) leaves no
         trace, as when its backend call fails (SPEC 9): its client never got an answer and retries with the key."""
-        async with self.dispatcher.exclusive(volume_id), self.db.write() as session:
+        async with self.nodes.exclusive(volume_id), self.db.write() as session:
             # the volume's row first, as every transition takes it
             await lock_volume(session, volume_id)
             removed = await session.execute(
@@ -221,6 +264,7 @@ class Reconciler:
         ]
         if volume_id is not None:
             conditions.append(Volume.id == volume_id)  # type: ignore[arg-type]
+        conditions.extend(self._mine())
         async with self.db.read() as session:
             rows = (
                 await session.execute(
@@ -244,20 +288,24 @@ class Reconciler:
         volume right after it: each volume that differs is looked at again under its lock before anything
         is changed, and a volume that another process has just exported or detached is left alone.
         """
-        target = self.backends.target
         wanted = await self._wanted()
         try:
-            actual = await self.dispatcher.run("__target__", target.exports)
+            actual = await self.local.call(None, "exports", ())
         except BackendError as error:
             log.error("reconcile: reading the target's exports failed: %s", error)
             report.errors.append("exports")
             return
-        differ = [v for v in sorted(wanted.keys() | actual.keys()) if _differs(wanted.get(v), actual.get(v))]
+        others = await self._others(actual.keys() - wanted.keys())
+        differ = [
+            v
+            for v in sorted(wanted.keys() | actual.keys())
+            if v not in others and _differs(wanted.get(v), actual.get(v))
+        ]
         for volume_id in differ:
             try:
-                async with self.dispatcher.exclusive(volume_id) as run:
+                async with self.nodes.exclusive(volume_id) as run:
                     want = (await self._wanted(volume_id)).get(volume_id)
-                    have = (await run(target.exports)).get(volume_id)
+                    have = (await run("exports")).get(volume_id)
                     if want is not None:
                         await self._restore(run, want, have, report)
                     elif have is not None:
@@ -269,10 +317,20 @@ class Reconciler:
                 log.exception("reconcile: volume %s: %s", volume_id, error)
                 report.errors.append(f"export {volume_id}")
 
+    async def _others(self, volume_ids: Iterable[str]) -> set[str]:
+        """Of exports no volume of ours wants, those of another node's volumes: never ours to remove."""
+        ids = list(volume_ids)
+        if self.own_host is None or not ids:
+            return set()
+        async with self.db.read() as session:
+            rows = await session.execute(
+                select(Volume.id).where(Volume.id.in_(ids), Volume.host != self.own_host)  # type: ignore[attr-defined]
+            )
+            return set(rows.scalars().all())
+
     async def _restore(
-        self, run: Runner, want: tuple[Volume, set[str]], have: ExportState | None, report: ReconcileReport
+        self, run: NodeRunner, want: tuple[Volume, set[str]], have: ExportState | None, report: ReconcileReport
     ) -> None:
-        target = self.backends.target
         volume, initiators = want
         ref = VolumeRef(id=volume.id, size_gb=volume.size)
         chap = chap_of(volume, self.secrets)
@@ -281,23 +339,20 @@ class Reconciler:
             return
         # an export missing, or left half-made by a crash, is (re)made before any ACL opens it
         if have is None or not have.complete:
-            await run(target.create_export, ref, self.backends.volumes.path(ref), chap)
+            await run("create_export", ref, chap)
             report.exports_restored.append(volume.id)
         present = {i.lower(): i for i in (have.initiators if have else ())}
         expected = {i.lower(): i for i in initiators}
         for key in sorted(expected.keys() - present.keys()):
-            await run(target.add_initiator, ref, expected[key])
+            await run("add_initiator", ref, expected[key])
             report.acls_added.append((volume.id, expected[key]))
         for key in sorted(present.keys() - expected.keys()):
-            await run(target.remove_initiator, ref, present[key])
+            await run("remove_initiator", ref, present[key])
             report.acls_removed.append((volume.id, present[key]))
 
-    async def _remove(self, run: Runner, have: ExportState, report: ReconcileReport) -> None:
+    async def _remove(self, run: NodeRunner, have: ExportState, report: ReconcileReport) -> None:
         """An export no connected attachment wants: its ACLs go first, then the export."""
-        ref = VolumeRef(id=have.volume_id, size_gb=0)
-        for initiator in sorted(have.initiators):
-            await run(self.backends.target.remove_initiator, ref, initiator)
-        await run(self.backends.target.remove_export, ref)
+        await run("disconnect", VolumeRef(id=have.volume_id, size_gb=0), sorted(have.initiators), True)
         report.exports_removed.append(have.volume_id)
 
 

@@ -1,9 +1,8 @@
-"""Volumes: create and delete through the backend in the background, show, list, update."""
+"""Volumes: create (placed on a storage node) and delete as the node's work, show, list, update."""
 
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -15,8 +14,7 @@ from sqlalchemy import ColumnElement, bindparam, delete, exists, func, select, u
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth import Context
-from app.backends.base import BackendError, Backends, VolumeRef
-from app.backends.dispatch import Dispatcher
+from app.backends.base import VolumeRef
 from app.config import Settings
 from app.db.engine import Database
 from app.db.models import (
@@ -31,6 +29,7 @@ from app.db.models import (
 from app.errors import InvalidInput, InvalidVolume, NotFound, VolumeNotFound
 from app.services.idempotency import Answer
 from app.services.listing import ListParams, Page, apply_order, keyset_after, parse_bool
+from app.services.nodes import Nodes
 from app.services.types import DEFAULT_TYPE, extra_specs_of, find_type, is_multiattach
 from app.services.work import BackgroundWork
 
@@ -158,12 +157,9 @@ def check_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
 
 
 class VolumeService:
-    def __init__(
-        self, db: Database, dispatcher: Dispatcher, backends: Backends, settings: Settings, work: BackgroundWork
-    ) -> None:
+    def __init__(self, db: Database, nodes: Nodes, settings: Settings, work: BackgroundWork) -> None:
         self.db = db
-        self.dispatcher = dispatcher
-        self.backends = backends
+        self.nodes = nodes
         self.settings = settings
         self.work = work
         # volume id -> project: a volume never changes project, so the door's lookup is asked once per volume
@@ -200,7 +196,7 @@ class VolumeService:
         if idempotency is not None:
             await idempotency.check()  # a retry of an answered request is answered before any write
         meta = check_metadata(metadata or {})
-        if availability_zone and availability_zone != self.settings.availability_zone:
+        if availability_zone and availability_zone not in await self._zones():
             raise InvalidInput(f"Availability zone '{availability_zone}' is invalid.")
         async with self.db.write() as session:
             if idempotency is not None:
@@ -213,17 +209,18 @@ class VolumeService:
             if not vtype.is_public and not ctx.all_projects:
                 raise NotFound(f"Volume type with name or id {volume_type} could not be found.")
             specs = await extra_specs_of(session, vtype.id)
+            host, zone, why = await self._place(session, size, availability_zone, specs.get("volume_backend_name"))
             volume = Volume(
                 project_id=ctx.project_id,
                 user_id=ctx.user_id,
                 name=name,
                 description=description,
                 size=size,
-                status=VolumeStatus.CREATING,
-                availability_zone=self.settings.availability_zone,
+                status=VolumeStatus.CREATING if host else VolumeStatus.ERROR,
+                availability_zone=zone,
                 volume_type_id=vtype.id,
                 multiattach=is_multiattach(specs),
-                host=self.settings.host,
+                host=host,
             )
             session.add(volume)
             await session.flush()
@@ -232,27 +229,33 @@ class VolumeService:
             record = VolumeRecord(volume=volume, metadata=meta, volume_type=vtype)
             if idempotency is not None:
                 await idempotency.complete(session, record, volume.id)
-        self.work.spawn(self._finish_create(volume.id, volume.size), name=f"create-{volume.id}")
+            pending = None
+            if host:
+                self.nodes.remember(volume.id, host)
+                # the node's create job commits with the row: no `creating` volume without the work that ends it
+                ref = VolumeRef(id=volume.id, size_gb=size)
+                pending = await self.nodes.runner(volume.id).defer(session, "finish_create", ref, wait=False)
+        if pending is None:
+            log.error("volume %s could not be placed: %s", volume.id, why)
+        else:  # embedded: the create runs now, in the background; remote: the node has it already
+            self.work.spawn(pending.result(), name=f"create-{volume.id}")
         return record
 
-    async def _finish_create(self, volume_id: str, size: int) -> None:
-        ref = VolumeRef(id=volume_id, size_gb=size)
-        try:
-            await self.dispatcher.run(volume_id, self.backends.volumes.create, ref)
-            outcome = VolumeStatus.AVAILABLE
-        except BackendError as error:
-            log.error("creating volume %s failed: %s", volume_id, error)
-            outcome = VolumeStatus.ERROR
-        await asyncio.shield(self._set_status(volume_id, VolumeStatus.CREATING, outcome))
+    async def _zones(self) -> set[str]:
+        if self.nodes.embedded:
+            return {self.settings.availability_zone}
+        return await self.nodes.zones()
 
-    async def _set_status(self, volume_id: str, expected: VolumeStatus, new: VolumeStatus) -> bool:
-        async with self.db.write() as session:
-            result = await session.execute(
-                update(Volume)
-                .where(Volume.id == volume_id, Volume.status == expected)  # type: ignore[arg-type]
-                .values(status=new, updated_at=utcnow())
-            )
-            return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    async def _place(
+        self, session: AsyncSession, size: int, zone: str | None, backend_name: str | None
+    ) -> tuple[str | None, str, str]:
+        """(host, availability zone, why not) for a new volume: the embedded node, or the scheduler's pick."""
+        if self.nodes.embedded:
+            return self.settings.pool_host, self.settings.availability_zone, ""
+        service, why = await self.nodes.place(session, size, zone, backend_name)
+        if service is None:
+            return None, zone or self.settings.availability_zone, why
+        return service.pool_host, service.availability_zone, ""
 
     async def get(self, ctx: Context, volume_id: str) -> VolumeRecord:
         async with self.db.read() as session:
@@ -329,6 +332,11 @@ class VolumeService:
             return (await load_records(session, [volume]))[0]
 
     async def delete(self, ctx: Context, volume_id: str, *, force: bool = False) -> None:
+        run = self.nodes.runner(volume_id)
+        async with self.db.read() as session:
+            placed = (await load_volume(session, ctx, volume_id)).host is not None
+        if placed:
+            await run.require()  # its node is down: 503 before the status changes
         async with self.db.write() as session:
             # the row lock first, as every reservation takes it: the NOT EXISTS below then sees every attachment
             # committed before it (in READ COMMITTED a waiting UPDATE re-checks only its own row, not a subquery),
@@ -356,20 +364,12 @@ class VolumeService:
                     f"have snapshots, awaiting a transfer, or be disassociated from snapshots after volume "
                     f"transfer. The current status is {volume.status}."
                 )
-        self.work.spawn(self._finish_delete(volume.id, volume.size), name=f"delete-{volume.id}")
-
-    async def _finish_delete(self, volume_id: str, size: int) -> None:
-        try:
-            await self.dispatcher.run(volume_id, self.backends.volumes.delete, VolumeRef(id=volume_id, size_gb=size))
-        except BackendError as error:
-            log.error("deleting volume %s failed: %s", volume_id, error)
-            await asyncio.shield(self._set_status(volume_id, VolumeStatus.DELETING, VolumeStatus.ERROR_DELETING))
-            return
-        await asyncio.shield(self._remove_row(volume_id))
-
-    async def _remove_row(self, volume_id: str) -> None:
-        async with self.db.write() as session:
-            await session.execute(remove_deleted(volume_id))
+            if volume.host is None:  # never placed (no node had room): nothing on any storage host
+                await session.execute(remove_deleted(volume.id))
+                return
+            ref = VolumeRef(id=volume.id, size_gb=volume.size)
+            pending = await run.defer(session, "finish_delete", ref, wait=False)
+        self.work.spawn(pending.result(), name=f"delete-{volume.id}")
 
 
 def remove_deleted(volume_id: str) -> Any:

@@ -78,6 +78,17 @@ def parse_portal(portal: str) -> tuple[str, int]:
     return (f"[{address}]" if address.version == 6 else str(address)), number
 
 
+def validate_lio_connector(connector: Mapping[str, Any]) -> dict[str, Any]:
+    """The iSCSI check, and an initiator name LIO accepts, spelt as LIO lists it (so exports() and the
+    database agree when reconciling)."""
+    checked = validate_iscsi_connector(connector)
+    initiator = lio_initiator(checked["initiator"])
+    if initiator is None:
+        raise InvalidConnector("initiator", "is not an iSCSI name LIO accepts (an iqn. needs a dotted name, no _)")
+    checked["initiator"] = initiator
+    return checked
+
+
 class LioTarget:
     name = "lio"
 
@@ -111,13 +122,7 @@ class LioTarget:
         return f"{self.iqn_prefix}{volume.name}".lower()
 
     def validate_connector(self, connector: Mapping[str, Any]) -> dict[str, Any]:
-        checked = validate_iscsi_connector(connector)
-        initiator = lio_initiator(checked["initiator"])
-        if initiator is None:
-            raise InvalidConnector("initiator", "is not an iSCSI name LIO accepts (an iqn. needs a dotted name, no _)")
-        # stored as LIO will list it, so exports() and the database agree when reconciling
-        checked["initiator"] = initiator
-        return checked
+        return validate_lio_connector(connector)
 
     def create_export(self, volume: VolumeRef, path: str, chap: Chap) -> ExportInfo:
         for what, value in (("CHAP user", chap.username), ("CHAP secret", chap.secret)):

@@ -1,0 +1,90 @@
+"""The named storage operations a node runs: what crosses from the API tier to a storage host (SPEC 10).
+
+Each is an idempotent "ensure" over the node's volume store and target, so running one twice (a job delivered
+again after a crash) is harmless. Plain synchronous code, run only through the dispatcher's pool; the arguments
+and results are the backends' dataclasses, which the queue carries as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from app.backends.base import Backends, Capacity, Chap, ExportInfo, ExportState, VolumeRef
+
+# the operations a job may name; anything else is refused before it reaches a backend
+NAMES = frozenset(
+    {
+        "create_volume",
+        "delete_volume",
+        "connect",
+        "create_export",
+        "add_initiator",
+        "remove_initiator",
+        "remove_export",
+        "disconnect",
+        "drop_export",
+        "exports",
+        "capacity",
+        "check",
+    }
+)
+
+
+class StorageOps:
+    def __init__(self, backends: Backends, capacity_cap_bytes: int | None = None) -> None:
+        self.backends = backends
+        self.capacity_cap_bytes = capacity_cap_bytes
+
+    def create_volume(self, volume: VolumeRef) -> None:
+        self.backends.volumes.create(volume)
+
+    def delete_volume(self, volume: VolumeRef) -> None:
+        self.backends.volumes.delete(volume)
+
+    def create_export(self, volume: VolumeRef, chap: Chap) -> ExportInfo:
+        return self.backends.target.create_export(volume, self.backends.volumes.path(volume), chap)
+
+    def connect(self, volume: VolumeRef, chap: Chap, initiator: str) -> ExportInfo:
+        """The export (made on the first connect) and this initiator's ACL."""
+        export = self.create_export(volume, chap)
+        self.backends.target.add_initiator(volume, initiator)
+        return export
+
+    def add_initiator(self, volume: VolumeRef, initiator: str) -> None:
+        self.backends.target.add_initiator(volume, initiator)
+
+    def remove_initiator(self, volume: VolumeRef, initiator: str) -> None:
+        self.backends.target.remove_initiator(volume, initiator)
+
+    def remove_export(self, volume: VolumeRef) -> None:
+        self.backends.target.remove_export(volume)
+
+    def disconnect(self, volume: VolumeRef, initiators: Sequence[str], export: bool) -> None:
+        """The ACLs nothing uses any more, then the export when no attachment is left."""
+        for initiator in initiators:
+            self.backends.target.remove_initiator(volume, initiator)
+        if export:
+            self.backends.target.remove_export(volume)
+
+    def drop_export(self, volume: VolumeRef) -> None:
+        """Every ACL the target really has for the volume, then its export (an admin's reset to detached)."""
+        exported = self.backends.target.exports().get(volume.id)
+        for initiator in sorted(exported.initiators if exported else ()):
+            self.backends.target.remove_initiator(volume, initiator)
+        self.backends.target.remove_export(volume)
+
+    def exports(self) -> dict[str, ExportState]:
+        return self.backends.target.exports()
+
+    def capacity(self) -> Capacity:
+        real = self.backends.volumes.capacity()
+        cap = self.capacity_cap_bytes
+        if cap is None or cap >= real.total_bytes:
+            return real
+        used = real.total_bytes - real.free_bytes
+        return Capacity(total_bytes=cap, free_bytes=max(0, min(real.free_bytes, cap - used)))
+
+    def check(self) -> None:
+        """Both halves of the storage answer (tether status, a node's start)."""
+        self.backends.volumes.capacity()
+        self.backends.target.exports()

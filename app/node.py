@@ -1,0 +1,184 @@
+"""A storage node (SPEC 10): the only code that drives one host's volume store and target.
+
+`tether node` runs `NodeAgent`: it registers the node (a `services` row, the same row after a restart),
+heartbeats with its pool's capacity, consumes its queue `node.<name>` (procrastinate, one job per volume at a
+time through the job's lock) and reconciles its own volumes at start and every TETHER_RECONCILE_INTERVAL.
+`tether serve` in embedded mode builds the same parts in its own process (`local_storage`), with no queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from app.backends.base import BackendError, Backends, Capacity
+from app.backends.dispatch import Dispatcher
+from app.backends.factory import build_backends
+from app.backends.operations import NAMES, StorageOps
+from app.config import Settings
+from app.db.engine import Database
+from app.db.locks import cross_process_locks
+from app.db.models import utcnow
+from app.logs import begin_request, bind, end_request
+from app.queue import TASK, Codec, queue_of, record_outcome
+from app.secrets import SecretBox
+from app.services.nodes import SEQUENCES, LocalNode, Nodes, every, node_row
+from app.services.reconcile import Reconciler
+
+log = logging.getLogger("tether.node")
+
+GIB = 1024**3
+
+
+@dataclass
+class LocalStorage:
+    """This process's storage: the backends, the node that runs their operations, its reconciler."""
+
+    backends: Backends
+    node: LocalNode
+    nodes: Nodes
+    reconciler: Reconciler
+
+
+def local_storage(settings: Settings, db: Database, dispatcher: Dispatcher, secrets: SecretBox) -> LocalStorage:
+    """own pool only on a `tether node`; every volume of the database on an embedded node (the only one)."""
+    backends = build_backends(settings)
+    cap = settings.pool_capacity_gb * GIB if settings.pool_capacity_gb is not None else None
+    node = LocalNode(settings.node_name, dispatcher, StorageOps(backends, cap))
+    nodes = Nodes(db, dispatcher, local=node, down_time=settings.service_down_time)
+    own = settings.pool_host if settings.nodes == "remote" else None
+    return LocalStorage(backends, node, nodes, Reconciler(db, nodes, secrets, own_host=own))
+
+
+async def heartbeat(nodes: Nodes, settings: Settings, node: LocalNode, last: list[Capacity | None]) -> None:
+    """The node's row with its pool's capacity now (the last one known when the store does not answer)."""
+    try:
+        last[0] = await node.call(None, "capacity", ())
+    except BackendError as error:
+        log.error("reading the pool's capacity failed: %s", error)
+    await nodes.heartbeat(node_row(settings, last[0]))
+
+
+class NodeAgent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.secrets = SecretBox(settings.secret_key)
+        self.codec = Codec(self.secrets)
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        import procrastinate
+
+        from app.db.locks import asyncpg_dsn
+
+        settings = self.settings
+        db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
+        locks = cross_process_locks(db, True)
+        dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
+        storage = local_storage(settings, db, dispatcher, self.secrets)
+        self.storage = storage
+        self.db = db
+        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(settings.database_url)))
+        app.task(name=TASK, pass_context=True)(self._job)
+        capacity: list[Capacity | None] = [None]
+        tasks: list[asyncio.Task[Any]] = []
+        async with app.open_async():
+            try:
+                await storage.node.call(None, "check", ())
+                await heartbeat(storage.nodes, settings, storage.node, capacity)
+                await self._recover(app)
+                name = settings.node_name
+                tasks.append(
+                    asyncio.create_task(
+                        every(
+                            settings.node_heartbeat,
+                            lambda: heartbeat(storage.nodes, settings, storage.node, capacity),
+                            "heartbeat",
+                            first=False,
+                        ),
+                        name="heartbeat",
+                    )
+                )
+                tasks.append(
+                    asyncio.create_task(
+                        every(settings.reconcile_interval, self._reconcile, "reconcile"), name="reconcile"
+                    )
+                )
+                worker = asyncio.create_task(
+                    app.run_worker_async(
+                        queues=[queue_of(name)],
+                        concurrency=settings.backend_workers,
+                        install_signal_handlers=False,
+                        delete_jobs="always",
+                        name=f"tether-node-{name}",
+                    ),
+                    name="worker",
+                )
+                tasks.append(worker)
+                log.info("node %s ready: queue %s, pool %s", name, queue_of(name), settings.pool_host)
+                stop = asyncio.create_task(self.stopping.wait())
+                await asyncio.wait([stop, worker], return_when=asyncio.FIRST_COMPLETED)
+                if worker.done() and not self.stopping.is_set():
+                    worker.result()  # the worker died: say why
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(BaseException):
+                        await task
+                if locks is not None:
+                    await locks.close()
+                await db.dispose()
+        log.info("node %s stopped", settings.node_name)
+
+    async def _reconcile(self) -> None:
+        await self.storage.reconciler.run()
+
+    async def _recover(self, app: Any) -> None:
+        """Jobs a killed predecessor was running: the volume sequences run again (they are ensures that read
+        the database first); a storage operation another process waited for is answered as failed, so that
+        caller undoes its claim (or, past its deadline, this node's reconcile settles the volume)."""
+        from procrastinate.jobs import Status
+
+        queue = queue_of(self.settings.node_name)
+        for job in await app.job_manager.list_jobs_async(queue=queue, status="doing"):
+            op = (job.task_kwargs.get("job") or {}).get("op")
+            if op in SEQUENCES:
+                log.warning("job %s (%s) was cut short by a restart: running it again", job.id, op)
+                await app.job_manager.retry_job_by_id_async(job.id, retry_at=utcnow())
+                continue
+            log.warning("job %s (%s) was cut short by a restart: answered as failed", job.id, op)
+            async with self.db.write() as session:
+                await record_outcome(session, job.id, False, "the storage node restarted during the job")
+            await app.job_manager.finish_job_by_id_async(job.id, status=Status.FAILED, delete_job=True)
+
+    async def _job(self, context: Any, job: dict[str, Any]) -> None:
+        job_id = int(context.job.id)
+        op = str(job.get("op"))
+        tokens = begin_request(str(job.get("request_id") or "-"))
+        bind(job_id=str(job_id), operation=op)
+        try:
+            ok, result = await self._execute(op, job.get("args") or [])
+            async with self.db.write() as session:
+                await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
+        finally:
+            end_request(tokens)
+
+    async def _execute(self, op: str, raw: list[Any]) -> tuple[bool, Any]:
+        if op not in NAMES and op not in SEQUENCES:
+            log.error("refusing a job with an unknown operation %r", op)
+            return False, f"unknown operation {op!r}"
+        try:
+            args = tuple(self.codec.decode(a) for a in raw)
+            key = args[0].id if args and hasattr(args[0], "id") else None
+            result = await self.storage.node.call(key, op, args)
+            return True, self.codec.encode(result)
+        except BackendError as error:
+            log.error("%s failed: %s", op, error)
+            return False, str(error)
+        except Exception as error:  # a job never dies unanswered: its caller would wait for the deadline
+            log.exception("%s failed", op)
+            return False, f"{type(error).__name__} on the node"

@@ -1,0 +1,249 @@
+"""The job queue between the API tier and the storage nodes (SPEC 10): procrastinate on PostgreSQL.
+
+A job is one named operation (app/backends/operations.py, or a node-side sequence such as create_volume) with
+JSON arguments, on the queue `node.<name>`, with the volume's id as procrastinate's `lock`, so one volume's jobs
+run one at a time and in order. The API tier defers a job with `procrastinate_defer_jobs_v1` on its own
+connection, inside the transaction of the state change the job serves (the outbox); the node writes the outcome
+to `node_job_results` and notifies `tether_job_done` in one transaction; the waiting API process hears it (or
+finds the row when it polls) and reads the outcome once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.backends.base import Capacity, Chap, ExportInfo, ExportState, VolumeRef
+from app.db.locks import asyncpg_dsn
+from app.secrets import SecretBox
+
+log = logging.getLogger("tether.queue")
+
+TASK = "tether.node_op"
+CHANNEL = "tether_job_done"
+# a result nobody read within this long (its waiter crashed) is removed by the next reader
+RESULT_TTL = 3600.0
+
+_DEFER = text(
+    "SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task, 0, :lock, NULL, CAST(:args AS jsonb),"
+    " NULL)]::procrastinate_job_to_defer_v1[]))"
+)
+_TAKE_RESULT = text("DELETE FROM node_job_results WHERE job_id = $1 RETURNING ok, result")
+
+
+def queue_of(node: str) -> str:
+    return f"node.{node}"
+
+
+class JobFailed(Exception):
+    """The node ran the job and it failed; the message is the node's (safe to log, not to return)."""
+
+
+class JobTimeout(Exception):
+    """No outcome within the deadline: the node is slow, down or dead; the job may still run later."""
+
+
+# -- what crosses the queue: the backends' dataclasses as JSON ---------------------------------------------------
+
+
+class Codec:
+    """Arguments and results as JSON; a CHAP secret travels sealed when TETHER_SECRET_KEY is set."""
+
+    def __init__(self, secrets: SecretBox) -> None:
+        self.secrets = secrets
+
+    def encode(self, value: Any) -> Any:
+        if isinstance(value, VolumeRef):
+            return {"volume": {"id": value.id, "size_gb": value.size_gb}}
+        if isinstance(value, Chap):
+            return {"chap": {"username": value.username, "secret": self.secrets.seal(value.secret)}}
+        if isinstance(value, ExportInfo):
+            return {"export": asdict(value)}
+        if isinstance(value, Capacity):
+            return {"capacity": asdict(value)}
+        if isinstance(value, dict) and all(isinstance(v, ExportState) for v in value.values()):
+            return {"exports": {k: {**asdict(v), "initiators": sorted(v.initiators)} for k, v in value.items()}}
+        if isinstance(value, list | tuple):
+            return {"list": [self.encode(v) for v in value]}
+        return {"value": value}
+
+    def decode(self, value: Any) -> Any:
+        ((kind, body),) = value.items()
+        if kind == "volume":
+            return VolumeRef(id=body["id"], size_gb=body["size_gb"])
+        if kind == "chap":
+            return Chap(username=body["username"], secret=self.secrets.open(body["secret"]))
+        if kind == "export":
+            return ExportInfo(**body)
+        if kind == "capacity":
+            return Capacity(**body)
+        if kind == "exports":
+            return {k: ExportState(**{**v, "initiators": frozenset(v["initiators"])}) for k, v in body.items()}
+        if kind == "list":
+            return [self.decode(v) for v in body]
+        return body
+
+
+# -- the API tier's side: defer in the caller's transaction, await the outcome -----------------------------------
+
+
+class JobQueue:
+    """One per API process (and per node, for the jobs a node defers itself): defers jobs and awaits outcomes."""
+
+    def __init__(self, database_url: str, secrets: SecretBox, *, poll: float = 1.0) -> None:
+        self.dsn = asyncpg_dsn(database_url)
+        self.codec = Codec(secrets)
+        self.poll = poll
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._reader: asyncpg.Connection | None = None
+        self._reader_lock = asyncio.Lock()
+        self._closing = False
+        # observers for metrics: fn(node, operation, seconds, failed)
+        self.observers: list[Callable[[str, str, float, bool], None]] = []
+
+    async def start(self) -> None:
+        await self._listen()
+
+    async def _listen(self) -> None:
+        try:
+            connection = await asyncpg.connect(self.dsn)
+            await connection.add_listener(CHANNEL, self._heard)
+            connection.add_termination_listener(self._lost)
+            self._listener = connection
+        except (OSError, asyncpg.PostgresError) as error:  # waiters poll meanwhile; the next wait tries again
+            log.warning("listening for job outcomes failed (polling instead): %s", error)
+            self._listener = None
+
+    def _heard(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            waiter = self._waiters.get(int(payload))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _lost(self, _connection: object) -> None:
+        self._listener = None
+        for waiter in self._waiters.values():  # look in the table at once: a notification may have been lost
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def close(self) -> None:
+        self._closing = True
+        for connection in (self._listener, self._reader):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+
+    async def defer(
+        self,
+        session: AsyncSession,
+        node: str,
+        lock: str | None,
+        op: str,
+        args: tuple[Any, ...],
+        request_id: str,
+        *,
+        wait: bool = True,
+    ) -> int:
+        """Add the job to `session`'s transaction: it exists exactly when that transaction commits."""
+        payload = {"op": op, "args": [self.codec.encode(a) for a in args], "request_id": request_id}
+        job_id = int(
+            (
+                await session.execute(
+                    _DEFER,
+                    {"queue": queue_of(node), "task": TASK, "lock": lock, "args": json.dumps({"job": payload})},
+                )
+            ).scalar_one()
+        )
+        if wait:  # listening before the commit: the outcome cannot come before the waiter
+            self._waiters[job_id] = asyncio.get_running_loop().create_future()
+        return job_id
+
+    def forget(self, job_id: int) -> None:
+        """The transaction that deferred it rolled back: nobody will hear of it."""
+        self._waiters.pop(job_id, None)
+
+    async def wait(self, job_id: int, deadline_s: float, *, node: str = "", op: str = "") -> Any:
+        """The job's result, or JobFailed with the node's message, or JobTimeout past `deadline_s` seconds."""
+        started = time.perf_counter()
+        deadline = time.monotonic() + deadline_s
+        waiter = self._waiters.setdefault(job_id, asyncio.get_running_loop().create_future())
+        failed = True
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JobTimeout(f"job {job_id} ({op} on node {node}) had no outcome within {deadline_s:g} s")
+                if self._listener is None and not self._closing:
+                    await self._listen()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), min(remaining, self.poll))
+                outcome = await self._take(job_id)
+                if outcome is not None:
+                    ok, result = outcome
+                    if not ok:
+                        raise JobFailed(str(result))
+                    failed = False
+                    return self.codec.decode(result)
+                if waiter.done():
+                    waiter = self._waiters[job_id] = asyncio.get_running_loop().create_future()
+        finally:
+            self._waiters.pop(job_id, None)
+            for observe in self.observers:
+                observe(node, op, time.perf_counter() - started, failed)
+
+    async def _take(self, job_id: int) -> tuple[bool, Any] | None:
+        async with self._reader_lock:
+            if self._reader is None or self._reader.is_closed():
+                self._reader = await asyncpg.connect(self.dsn)
+            try:
+                row = await self._reader.fetchrow(_TAKE_RESULT.text, job_id)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                with contextlib.suppress(Exception):
+                    await self._reader.close()
+                self._reader = None
+                raise
+        if row is None:
+            return None
+        return bool(row["ok"]), json.loads(row["result"]) if row["result"] is not None else None
+
+
+_RECORD = text(
+    "INSERT INTO node_job_results (job_id, ok, result, created_at) VALUES (:job_id, :ok, :result, now())"
+    " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result"
+)
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+_PRUNE = text("DELETE FROM node_job_results WHERE created_at < now() - make_interval(secs => :ttl)")
+
+
+async def record_outcome(session: AsyncSession, job_id: int, ok: bool, result: Any, *, prune: bool = False) -> None:
+    """The node's half: the outcome and its notification, in the caller's transaction."""
+    await session.execute(_RECORD, {"job_id": job_id, "ok": ok, "result": json.dumps(result)})
+    await session.execute(_NOTIFY, {"channel": CHANNEL, "payload": str(job_id)})
+    if prune:
+        await session.execute(_PRUNE, {"ttl": RESULT_TTL})
+
+
+def install_schema(database_url: str) -> None:
+    """procrastinate's tables and functions, once per database (blocking; `tether db upgrade` runs it)."""
+    import psycopg
+    from procrastinate.schema import SchemaManager
+
+    with psycopg.connect(asyncpg_dsn(database_url), autocommit=True) as connection:
+        connection.execute("SELECT pg_advisory_lock(7340301)")
+        try:
+            present = connection.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()
+            if present is None or present[0] is None:
+                connection.execute(SchemaManager.get_schema())
+        finally:
+            connection.execute("SELECT pg_advisory_unlock(7340301)")

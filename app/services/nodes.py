@@ -1,0 +1,366 @@
+"""Where a volume's storage work runs (SPEC 10): its storage node, in this process or across the queue.
+
+Services hold a volume with `nodes.exclusive(volume_id)` and get a `NodeRunner`; `await run("connect", ref, chap,
+initiator)` runs a named operation (app/backends/operations.py) on the volume's node and `await run.defer(session,
+…)` adds it to the caller's transaction (the outbox) and returns what to await once that commits.
+- **embedded**: one node in this process (`LocalNode`), the dispatcher's thread pool; every volume is its own.
+- **remote**: each volume's node is the `<node>` of its host `<node>@<backend>#<pool>`; a `RemoteNode` defers
+  procrastinate jobs on that node's queue (app/queue.py) and waits for their outcome with TETHER_NODE_TIMEOUT.
+  A node whose heartbeat is older than TETHER_SERVICE_DOWN_TIME is down: work for it fails fast with a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.backends.base import BackendError
+from app.backends.dispatch import Dispatcher, KeyedLocks, Lease
+from app.backends.operations import NAMES, StorageOps
+from app.db.engine import Database
+from app.db.models import Service, Volume, utcnow
+from app.errors import ServiceUnavailable
+from app.logs import request_id_var
+from app.queue import JobFailed, JobQueue, JobTimeout
+
+log = logging.getLogger("tether.nodes")
+
+VOLUME = "cinder-volume"
+SCHEDULER = "cinder-scheduler"
+GIB = 1024**3
+_HOSTS_KEPT = 100_000
+# seconds a process believes what it read of the services table (who is up)
+_STATE_TTL = 1.0
+
+
+class NodeUnavailable(ServiceUnavailable):
+    def __init__(self, node: str, why: str = "is down") -> None:
+        super().__init__(f"Storage node {node} {why}; try again later.")
+        self.node = node
+
+
+class Pending(Protocol):
+    async def result(self) -> Any: ...
+
+
+class Node(Protocol):
+    name: str
+
+    async def call(self, key: str | None, op: str, args: tuple[Any, ...]) -> Any: ...
+
+    async def defer(
+        self, session: AsyncSession, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
+    ) -> Pending: ...
+
+
+# the node-side sequences a job may name besides the storage operations: they update the database themselves
+SEQUENCES = frozenset({"finish_create", "finish_delete", "reconcile"})
+
+
+class NodeSide(Protocol):
+    """What a node runs for the sequences (the reconciler): storage work and its database update together."""
+
+    async def sequence(self, op: str, args: tuple[Any, ...]) -> Any: ...
+
+
+@dataclass
+class _Now:
+    """Embedded: the operation runs when awaited (the transaction that 'deferred' it has committed by then)."""
+
+    call: Callable[[], Awaitable[Any]]
+
+    async def result(self) -> Any:
+        return await self.call()
+
+
+async def _nothing() -> None:
+    return None
+
+
+class LocalNode:
+    """The storage of this process: named operations in the dispatcher's pool, one call per volume at a time."""
+
+    def __init__(self, name: str, dispatcher: Dispatcher, ops: StorageOps) -> None:
+        self.name = name
+        self.dispatcher = dispatcher
+        self.ops = ops
+        self.side: NodeSide | None = None
+        self._calls = KeyedLocks()
+
+    async def call(self, key: str | None, op: str, args: tuple[Any, ...]) -> Any:
+        if op in SEQUENCES:
+            assert self.side is not None
+            return await self.side.sequence(op, args)
+        if op not in NAMES:
+            raise BackendError(f"unknown storage operation {op!r}")
+        if key is None:
+            return await self.dispatcher.call(getattr(self.ops, op), *args)
+        async with self._calls.hold(key):
+            return await self.dispatcher.call(getattr(self.ops, op), *args)
+
+    async def defer(
+        self, session: AsyncSession, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
+    ) -> Pending:
+        return _Now(lambda: self.call(key, op, args))
+
+
+@dataclass
+class _Job:
+    queue: JobQueue
+    job_id: int
+    node: str
+    op: str
+    timeout: float
+
+    async def result(self) -> Any:
+        try:
+            return await self.queue.wait(self.job_id, self.timeout, node=self.node, op=self.op)
+        except JobFailed as error:
+            raise BackendError(f"node {self.node}: {error}") from None
+        except JobTimeout:
+            raise NodeUnavailable(self.node, f"did not finish {self.op} within {self.timeout:g} s") from None
+
+
+class RemoteNode:
+    """A `tether node` elsewhere: each call is a job on its queue, awaited with the node timeout."""
+
+    def __init__(self, name: str, db: Database, queue: JobQueue, timeout: float) -> None:
+        self.name = name
+        self.db = db
+        self.queue = queue
+        self.timeout = timeout
+
+    async def defer(
+        self, session: AsyncSession, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
+    ) -> Pending:
+        """wait=False: nobody awaits the outcome (the node records it in the database itself)."""
+        job_id = await self.queue.defer(session, self.name, key, op, args, request_id_var.get(), wait=wait)
+        if not wait:
+            return _Now(_nothing)
+        return _Job(self.queue, job_id, self.name, op, self.timeout)
+
+    async def call(self, key: str | None, op: str, args: tuple[Any, ...]) -> Any:
+        async with self.db.autocommit() as session:  # the job alone: one statement, committed by itself
+            pending = await self.defer(session, key, op, args)
+        return await pending.result()
+
+
+class NodeRunner:
+    """Named operations on one volume's node, while the caller holds the volume's lock."""
+
+    def __init__(self, nodes: Nodes, volume_id: str, lease: Lease | None) -> None:
+        self.nodes = nodes
+        self.volume_id = volume_id
+        self._lease = lease
+
+    def check(self) -> None:
+        """Raise LockLost if the lock this sequence holds was lost (another process may hold it now)."""
+        if self._lease is not None:
+            self._lease.check()
+
+    async def require(self) -> Node:
+        """The volume's node, or 503 when it is down: call before a state change that needs its work."""
+        return await self.nodes.node_of(self.volume_id)
+
+    async def __call__(self, op: str, *args: Any) -> Any:
+        self.check()
+        node = await self.require()
+        return await node.call(self.volume_id, op, args)
+
+    async def defer(self, session: AsyncSession, op: str, *args: Any, wait: bool = True) -> Pending:
+        """The operation as part of `session`'s transaction; await `.result()` after it commits."""
+        self.check()
+        node = await self.require()
+        return await node.defer(session, self.volume_id, op, args, wait=wait)
+
+
+class Nodes:
+    def __init__(
+        self,
+        db: Database,
+        dispatcher: Dispatcher,
+        *,
+        local: LocalNode | None = None,
+        queue: JobQueue | None = None,
+        timeout: float = 60.0,
+        down_time: float = 60.0,
+    ) -> None:
+        """`local`: every volume is this process's (embedded, or a node's own view); else `queue` (remote)."""
+        assert local is not None or queue is not None
+        self.db = db
+        self.dispatcher = dispatcher
+        self.local = local
+        self.queue = queue
+        self.timeout = timeout
+        self.down_time = down_time
+        self._hosts: OrderedDict[str, str | None] = OrderedDict()
+        self._remote: dict[str, RemoteNode] = {}
+        self._state: tuple[float, dict[str, Service]] = (0.0, {})
+
+    @property
+    def embedded(self) -> bool:
+        return self.local is not None
+
+    @asynccontextmanager
+    async def exclusive(self, volume_id: str) -> AsyncIterator[NodeRunner]:
+        """Hold the volume (across every process sharing the database) for a sequence of state changes and
+        storage operations."""
+        async with self.dispatcher.hold(volume_id) as lease:
+            yield NodeRunner(self, volume_id, lease)
+
+    def runner(self, volume_id: str) -> NodeRunner:
+        """Operations on a volume without holding its lock (node-side sequences already serialised by the queue)."""
+        return NodeRunner(self, volume_id, None)
+
+    # -- which node -------------------------------------------------------------------------------
+
+    def remember(self, volume_id: str, host: str | None) -> None:
+        self._hosts[volume_id] = host
+        if len(self._hosts) > _HOSTS_KEPT:
+            self._hosts.popitem(last=False)
+
+    async def node_of(self, volume_id: str) -> Node:
+        if self.local is not None:
+            return self.local
+        if volume_id not in self._hosts:
+            async with self.db.read() as session:
+                self.remember(volume_id, await session.scalar(select(Volume.host).where(Volume.id == volume_id)))  # type: ignore[arg-type]
+        host = self._hosts[volume_id]
+        if not host:
+            raise NodeUnavailable(f"(none: volume {volume_id} was never placed)", "is unknown")
+        return await self.node_named(host.split("@", 1)[0])
+
+    async def node_named(self, name: str) -> Node:
+        """The node, or NodeUnavailable when its last heartbeat is too old (or it never registered)."""
+        if self.local is not None:
+            return self.local
+        service = (await self.services()).get(name)
+        if service is None or not self.is_up(service):
+            raise NodeUnavailable(name)
+        assert self.queue is not None
+        node = self._remote.get(name)
+        if node is None:
+            node = self._remote[name] = RemoteNode(name, self.db, self.queue, self.timeout)
+        return node
+
+    def is_up(self, service: Service) -> bool:
+        return utcnow() - service.heartbeat_at <= timedelta(seconds=self.down_time)
+
+    async def services(self, *, fresh: bool = False) -> dict[str, Service]:
+        """The storage nodes by name, as their last heartbeats left them (re-read at most once a second)."""
+        at, known = self._state
+        if fresh or time.monotonic() - at > _STATE_TTL:
+            async with self.db.read() as session:
+                rows = (await session.execute(select(Service).where(Service.binary == VOLUME))).scalars().all()  # type: ignore[arg-type]
+            known = {row.name: row for row in rows}
+            self._state = (time.monotonic(), known)
+        return known
+
+    # -- placement --------------------------------------------------------------------------------
+
+    async def zones(self) -> set[str]:
+        return {s.availability_zone for s in (await self.services()).values()}
+
+    async def place(
+        self, session: AsyncSession, size_gb: int, zone: str | None, backend_name: str | None
+    ) -> tuple[Service | None, str]:
+        """The up node of `zone` (any zone when None) with the most free space that fits, and why when none does."""
+        candidates = [
+            s
+            for s in (await self.services(fresh=True)).values()
+            if (zone is None or s.availability_zone == zone)
+            and (backend_name is None or s.backend_name == backend_name)
+        ]
+        up = [s for s in candidates if self.is_up(s)]
+        if not up:
+            why = "no storage node" if not candidates else "every storage node is down"
+            return None, f"{why} in zone {zone or '(any)'}" + (
+                f" with volume_backend_name {backend_name}" if backend_name else ""
+            )
+        allocated: dict[str | None, Any] = dict(
+            (
+                await session.execute(
+                    select(Volume.host, func.sum(Volume.size))
+                    .where(Volume.host.in_([s.pool_host for s in up]))  # type: ignore[union-attr]
+                    .group_by(Volume.host)
+                )
+            ).all()
+        )
+        best: tuple[int, str, Service] | None = None
+        for service in up:
+            free = free_bytes(service, int(allocated.get(service.pool_host) or 0))
+            if free >= size_gb * GIB and (best is None or (free, best[1]) > (best[0], service.name)):
+                best = (free, service.name, service)
+        if best is None:
+            return None, f"no up storage node in zone {zone or '(any)'} has {size_gb} GiB free"
+        return best[2], ""
+
+    # -- heartbeats -------------------------------------------------------------------------------
+
+    async def heartbeat(self, row: dict[str, Any]) -> None:
+        """Insert or refresh a services row (a restarted node keeps its row: same binary and name)."""
+        now = utcnow()
+        values = {**row, "heartbeat_at": now}
+        insert = sqlite_insert if self.db.is_sqlite else pg_insert
+        stmt = insert(Service).values(**values, created_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=["binary", "name"], set_=values)
+        async with self.db.autocommit() as session:
+            await session.execute(stmt)
+
+
+def free_bytes(service: Service, allocated_gb: int) -> int:
+    """What the scheduler may still promise: the pool's free space, and no more than its size less what is
+    allocated (a sparse or thin pool reports more free space than its volumes may grow into)."""
+    total, free = service.total_bytes or 0, service.free_bytes or 0
+    return max(0, min(free, total - allocated_gb * GIB))
+
+
+async def every(seconds: float, work: Callable[[], Awaitable[Any]], name: str, *, first: bool = True) -> None:
+    """Run `work` every `seconds` until cancelled; a failure is logged, never the end of the loop."""
+    if not first:
+        await asyncio.sleep(seconds)
+    while True:
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; trying again in %g s", name, seconds)
+        await asyncio.sleep(seconds)
+
+
+def node_row(settings: Any, capacity: Any | None) -> dict[str, Any]:
+    """A node's services row from its settings and its pool's capacity."""
+    return {
+        "binary": VOLUME,
+        "name": settings.node_name,
+        "backend_name": settings.backend_name,
+        "pool_name": settings.pool_name,
+        "availability_zone": settings.availability_zone,
+        "portal": settings.target_portal,
+        "volume_backend": settings.volume_backend,
+        "target": settings.target,
+        "thin": settings.volume_backend == "lvm" and settings.lvm_type == "thin",
+        "total_bytes": capacity.total_bytes if capacity is not None else None,
+        "free_bytes": capacity.free_bytes if capacity is not None else None,
+    }
+
+
+def scheduler_row(settings: Any) -> dict[str, Any]:
+    """An API host's row: os-services lists it as the cinder-scheduler of that host."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64] or "tether"
+    return {"binary": SCHEDULER, "name": host, "availability_zone": settings.availability_zone}
