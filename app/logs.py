@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 _fields: ContextVar[dict[str, str]] = ContextVar("log_fields", default={})  # noqa: B039 - never mutated
 
-LOG_FIELDS = ("project_id", "volume_id", "attachment_id")
+LOG_FIELDS = ("project_id", "volume_id", "attachment_id", "node", "job_id", "operation")
 # the access log's fields (app/middleware.py), given to its one call as `extra`
 ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
 

@@ -26,7 +26,7 @@ from app.errors import Conflict, ServiceUnavailable, TetherError, fault_body
 from app.logs import configure_logging
 from app.metrics import Metrics
 from app.middleware import APIMiddleware, _TooLarge
-from app.node import LocalStorage, heartbeat, local_storage
+from app.node import Heartbeat, LocalStorage, local_storage
 from app.policy import Policy
 from app.queue import JobQueue
 from app.routers import (
@@ -155,22 +155,13 @@ async def _start_embedded_node(
     settings: Settings, storage: LocalStorage, nodes: Nodes, background: list[asyncio.Task[None]]
 ) -> None:
     """The in-process node: its row and heartbeat, its reconcile at start and then every interval."""
-    capacity: list[Any] = [None]
+    beat = Heartbeat(settings, nodes, storage.node)
+    storage.reconciler.on_change = beat.poke
     try:
-        await heartbeat(nodes, settings, storage.node, capacity)
+        await beat.beat()
     except Exception:  # a worker always starts; the next heartbeat tries again
         log.exception("registering the embedded storage node failed")
-    background.append(
-        asyncio.create_task(
-            every(
-                settings.node_heartbeat,
-                lambda: heartbeat(nodes, settings, storage.node, capacity),
-                "heartbeat",
-                first=False,
-            ),
-            name="node-heartbeat",
-        )
-    )
+    background.append(asyncio.create_task(beat.run(), name="node-heartbeat"))
     if settings.reconcile_on_start:
         try:
             await storage.reconciler.run()

@@ -53,13 +53,36 @@ def local_storage(settings: Settings, db: Database, dispatcher: Dispatcher, secr
     return LocalStorage(backends, node, nodes, Reconciler(db, nodes, secrets, own_host=own))
 
 
-async def heartbeat(nodes: Nodes, settings: Settings, node: LocalNode, last: list[Capacity | None]) -> None:
-    """The node's row with its pool's capacity now (the last one known when the store does not answer)."""
-    try:
-        last[0] = await node.call(None, "capacity", ())
-    except BackendError as error:
-        log.error("reading the pool's capacity failed: %s", error)
-    await nodes.heartbeat(node_row(settings, last[0]))
+class Heartbeat:
+    """A node's services row, refreshed every TETHER_NODE_HEARTBEAT s with its pool's capacity, and at once
+    after a volume was created or deleted (so get_pools and the scheduler see the change)."""
+
+    def __init__(self, settings: Settings, nodes: Nodes, node: LocalNode) -> None:
+        self.settings = settings
+        self.nodes = nodes
+        self.node = node
+        self.capacity: Capacity | None = None
+        self._soon = asyncio.Event()
+
+    def poke(self) -> None:
+        self._soon.set()
+
+    async def beat(self) -> None:
+        try:
+            self.capacity = await self.node.call(None, "capacity", ())
+        except BackendError as error:  # the last capacity known stays in the row
+            log.error("reading the pool's capacity failed: %s", error)
+        await self.nodes.heartbeat(node_row(self.settings, self.capacity))
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._soon.wait(), self.settings.node_heartbeat)
+            self._soon.clear()
+            try:
+                await self.beat()
+            except Exception:
+                log.exception("heartbeat failed; trying again in %g s", self.settings.node_heartbeat)
 
 
 class NodeAgent:
@@ -83,25 +106,16 @@ class NodeAgent:
         self.db = db
         app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(settings.database_url)))
         app.task(name=TASK, pass_context=True)(self._job)
-        capacity: list[Capacity | None] = [None]
+        beat = Heartbeat(settings, storage.nodes, storage.node)
+        storage.reconciler.on_change = beat.poke
         tasks: list[asyncio.Task[Any]] = []
         async with app.open_async():
             try:
                 await storage.node.call(None, "check", ())
-                await heartbeat(storage.nodes, settings, storage.node, capacity)
+                await beat.beat()
                 await self._recover(app)
                 name = settings.node_name
-                tasks.append(
-                    asyncio.create_task(
-                        every(
-                            settings.node_heartbeat,
-                            lambda: heartbeat(storage.nodes, settings, storage.node, capacity),
-                            "heartbeat",
-                            first=False,
-                        ),
-                        name="heartbeat",
-                    )
-                )
+                tasks.append(asyncio.create_task(beat.run(), name="heartbeat"))
                 tasks.append(
                     asyncio.create_task(
                         every(settings.reconcile_interval, self._reconcile, "reconcile"), name="reconcile"
@@ -159,7 +173,7 @@ class NodeAgent:
         job_id = int(context.job.id)
         op = str(job.get("op"))
         tokens = begin_request(str(job.get("request_id") or "-"))
-        bind(job_id=str(job_id), operation=op)
+        bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
         try:
             ok, result = await self._execute(op, job.get("args") or [])
             async with self.db.write() as session:

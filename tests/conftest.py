@@ -84,7 +84,13 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 
 def make_settings(database_url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"database_url": database_url, "reconcile_on_start": False, "log_level": "WARNING"}
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "reconcile_on_start": False,
+        "log_level": "WARNING",
+        # one embedded node name for every test app, whatever the machine's hostname: pools `tether@default#default`
+        "node_name": "tether",
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
@@ -294,6 +300,7 @@ def start_server(tmp: Path, env_overrides: dict[str, str] | None = None, workers
         {
             "TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp}/server.db",
             "TETHER_LOG_LEVEL": "INFO",
+            "TETHER_NODE_NAME": "tether",
         }
     )
     env.update(env_overrides or {})

@@ -21,7 +21,9 @@ def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
     )
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["db"], ["db", "upgrade"], ["openapi"], ["status"], ["reconcile"]])
+@pytest.mark.parametrize(
+    "command", [[], ["serve"], ["node"], ["db"], ["db", "upgrade"], ["openapi"], ["status"], ["reconcile"]]
+)
 def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command, "--help")
     assert result.returncode == 0
@@ -132,3 +134,31 @@ def test_reconcile_on_the_fake_backend_says_it_cannot_see_the_server(tmp_path: P
     assert "cannot see" in result.stderr
     assert "nothing was changed" in result.stderr
     assert "exports_restored" not in result.stdout
+
+
+@pytest.mark.parametrize("command", [["serve"], ["node"], ["status"], ["reconcile"]])
+def test_remote_nodes_on_sqlite_refuse_to_start_with_one_line(tmp_path: Path, command: list[str]) -> None:
+    env = {"TETHER_NODES": "remote", "TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db"}
+    result = run(*command, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "tether: TETHER_NODES=remote needs PostgreSQL: set TETHER_DATABASE_URL=postgresql+asyncpg://..."
+    ]
+    assert not (tmp_path / "t.db").exists()  # refused before anything was made
+
+
+def test_node_needs_remote_mode(tmp_path: Path) -> None:
+    env = {"TETHER_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/none"}
+    result = run("node", env=env)
+    assert result.returncode == 1
+    assert "TETHER_NODES=remote" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_status_lists_the_embedded_node(tmp_path: Path) -> None:
+    env = {"TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db", "TETHER_NODE_NAME": "n1"}
+    assert run("db", "upgrade", env=env).returncode == 0
+    result = run("status", env=env)
+    assert result.returncode == 0, result.stderr
+    # no server has run yet: nothing registered (a running server's node appears with its heartbeat)
+    assert "nodes (embedded): 0 registered" in result.stdout

@@ -77,12 +77,14 @@ class StorageOps:
         return self.backends.target.exports()
 
     def capacity(self) -> Capacity:
+        """The store's capacity; with a cap (TETHER_POOL_CAPACITY_GB) no more than the cap, total and free: a
+        file store shares its filesystem, so what else is on it says nothing of the pool (the scheduler takes
+        the allocated sizes off the total itself)."""
         real = self.backends.volumes.capacity()
         cap = self.capacity_cap_bytes
         if cap is None or cap >= real.total_bytes:
             return real
-        used = real.total_bytes - real.free_bytes
-        return Capacity(total_bytes=cap, free_bytes=max(0, min(real.free_bytes, cap - used)))
+        return Capacity(total_bytes=cap, free_bytes=min(real.free_bytes, cap))
 
     def check(self) -> None:
         """Both halves of the storage answer (tether status, a node's start)."""

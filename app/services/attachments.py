@@ -515,11 +515,10 @@ class AttachmentService:
         """The one connect sequence (call under the volume's lock): claim, export and ACL, record.
 
         The node's connect job is part of the claim's transaction (no claim without its job); a node that is
-        down is a 503 before the claim. `idempotency`: the claim took the request's key; the record stores its
-        answer, in one transaction.
+        down is a 503 that rolls the claim back. `idempotency`: the claim took the request's key; the record
+        stores its answer, in one transaction.
         """
         initiator = str(connector["initiator"])
-        await run.require()
         async with self.db.write() as session:
             claimed = await claim(session)
             pending = await run.defer(session, "connect", volume_ref(claimed.volume), claimed.chap, initiator)

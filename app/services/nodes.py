@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -33,8 +33,8 @@ from app.backends.dispatch import Dispatcher, KeyedLocks, Lease
 from app.backends.operations import NAMES, StorageOps
 from app.db.engine import Database
 from app.db.models import Service, Volume, utcnow
-from app.errors import ServiceUnavailable
-from app.logs import request_id_var
+from app.errors import InvalidVolume, ServiceUnavailable
+from app.logs import bind, request_id_var
 from app.queue import JobFailed, JobQueue, JobTimeout
 
 log = logging.getLogger("tether.nodes")
@@ -149,6 +149,7 @@ class RemoteNode:
     ) -> Pending:
         """wait=False: nobody awaits the outcome (the node records it in the database itself)."""
         job_id = await self.queue.defer(session, self.name, key, op, args, request_id_var.get(), wait=wait)
+        bind(node=self.name, job_id=str(job_id), operation=op)  # the request's log lines name its job
         if not wait:
             return _Now(_nothing)
         return _Job(self.queue, job_id, self.name, op, self.timeout)
@@ -172,19 +173,20 @@ class NodeRunner:
         if self._lease is not None:
             self._lease.check()
 
-    async def require(self) -> Node:
-        """The volume's node, or 503 when it is down: call before a state change that needs its work."""
-        return await self.nodes.node_of(self.volume_id)
+    async def require(self) -> None:
+        """503 when the volume's node is down: call before a state change that needs its work. A volume that
+        does not exist or was never placed passes: the state change refuses it (404, 400) as it would anyway."""
+        await self.nodes.node_of(self.volume_id, placed=False)
 
     async def __call__(self, op: str, *args: Any) -> Any:
         self.check()
-        node = await self.require()
+        node = await self.nodes.node_of(self.volume_id)
         return await node.call(self.volume_id, op, args)
 
     async def defer(self, session: AsyncSession, op: str, *args: Any, wait: bool = True) -> Pending:
         """The operation as part of `session`'s transaction; await `.result()` after it commits."""
         self.check()
-        node = await self.require()
+        node = await self.nodes.node_of(self.volume_id)
         return await node.defer(session, self.volume_id, op, args, wait=wait)
 
 
@@ -207,7 +209,7 @@ class Nodes:
         self.queue = queue
         self.timeout = timeout
         self.down_time = down_time
-        self._hosts: OrderedDict[str, str | None] = OrderedDict()
+        self._hosts: OrderedDict[str, str] = OrderedDict()
         self._remote: dict[str, RemoteNode] = {}
         self._state: tuple[float, dict[str, Service]] = (0.0, {})
 
@@ -228,20 +230,32 @@ class Nodes:
 
     # -- which node -------------------------------------------------------------------------------
 
-    def remember(self, volume_id: str, host: str | None) -> None:
+    def remember(self, volume_id: str, host: str) -> None:
         self._hosts[volume_id] = host
         if len(self._hosts) > _HOSTS_KEPT:
             self._hosts.popitem(last=False)
 
-    async def node_of(self, volume_id: str) -> Node:
+    @overload
+    async def node_of(self, volume_id: str) -> Node: ...
+
+    @overload
+    async def node_of(self, volume_id: str, *, placed: bool) -> Node | None: ...
+
+    async def node_of(self, volume_id: str, *, placed: bool = True) -> Node | None:
+        """The node that holds the volume; 503 when it is down. One that does not exist or was never placed:
+        InvalidVolume, or None with placed=False."""
         if self.local is not None:
             return self.local
-        if volume_id not in self._hosts:
+        host = self._hosts.get(volume_id)
+        if host is None:
             async with self.db.read() as session:
-                self.remember(volume_id, await session.scalar(select(Volume.host).where(Volume.id == volume_id)))  # type: ignore[arg-type]
-        host = self._hosts[volume_id]
+                host = await session.scalar(select(Volume.host).where(Volume.id == volume_id))  # type: ignore[arg-type]
+            if host:  # a volume's host never changes; a missing or unplaced one is asked again
+                self.remember(volume_id, host)
         if not host:
-            raise NodeUnavailable(f"(none: volume {volume_id} was never placed)", "is unknown")
+            if not placed:
+                return None
+            raise InvalidVolume(f"Volume {volume_id} is on no storage node: it was never placed.")
         return await self.node_named(host.split("@", 1)[0])
 
     async def node_named(self, name: str) -> Node:

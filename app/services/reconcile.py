@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +56,8 @@ class Reconciler:
         self.local = nodes.local
         self.secrets = secrets or SecretBox(None)
         self.own_host = own_host
+        # told when a volume was created or deleted here: the node's heartbeat then reports the new capacity
+        self.on_change: Callable[[], None] | None = None
         nodes.local.side = self
 
     def _mine(self) -> list[Any]:
@@ -72,6 +74,8 @@ class Reconciler:
                 await self._finish_create(run, ref, report)
             else:
                 await self._finish_delete(run, ref, report, final=True)
+        if self.on_change is not None and (report.volumes_created or report.volumes_deleted):
+            self.on_change()
         return None
 
     async def run(self) -> ReconcileReport:

@@ -333,15 +333,12 @@ class VolumeService:
 
     async def delete(self, ctx: Context, volume_id: str, *, force: bool = False) -> None:
         run = self.nodes.runner(volume_id)
-        async with self.db.read() as session:
-            placed = (await load_volume(session, ctx, volume_id)).host is not None
-        if placed:
-            await run.require()  # its node is down: 503 before the status changes
         async with self.db.write() as session:
             # the row lock first, as every reservation takes it: the NOT EXISTS below then sees every attachment
             # committed before it (in READ COMMITTED a waiting UPDATE re-checks only its own row, not a subquery),
             # so even a forced delete never deletes a volume that has attachments
             volume = await load_volume(session, ctx, volume_id, lock=True)
+            await run.require()  # its node is down: 503, and the transaction changed nothing
             condition: list[ColumnElement[bool]] = [
                 Volume.id == volume.id,  # type: ignore[list-item]
                 ~exists().where(Attachment.volume_id == Volume.id),

@@ -1,7 +1,9 @@
 """Capacity for operators: GET /scheduler-stats/get_pools, as cinderclient's get-pools reads it."""
 
+import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import Api, Server, fault
@@ -19,7 +21,13 @@ async def test_admin_sees_the_pool_and_its_free_space_shrink(api: Api) -> None:
     assert capabilities["storage_protocol"] == "iSCSI"
     assert capabilities["total_capacity_gb"] == 10000
     await api.create_volume(7)
-    (after,) = (await admin.get("/scheduler-stats/get_pools?detail=true")).json()["pools"]
+    # the node's heartbeat reports the new capacity as soon as the create is done
+    deadline = time.monotonic() + 10
+    while True:
+        (after,) = (await admin.get("/scheduler-stats/get_pools?detail=true")).json()["pools"]
+        if after["capabilities"]["free_capacity_gb"] != capabilities["free_capacity_gb"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
     assert after["capabilities"]["free_capacity_gb"] == capabilities["free_capacity_gb"] - 7
 
 

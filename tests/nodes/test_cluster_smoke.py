@@ -118,11 +118,6 @@ def test_nodes_in_namespaces_export_on_their_own_address_and_a_cut_off_node_goes
     assert code == 0, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: with TETHER_POOL_CAPACITY_GB a file pool reports free = cap minus the whole filesystem's used "
-    "bytes (StorageOps.capacity), not minus what the store holds, so an empty capped node has 0 GiB free",
-)
 def test_a_capped_pool_reports_its_cap_free_when_empty_and_takes_a_volume(make_cluster: Callable[..., Cluster]) -> None:
     cluster = make_cluster([NodeSpec("node-a", capacity_gb=3)])
     pools = cluster.admin.get("/scheduler-stats/get_pools", params={"detail": "true"}).json()["pools"]
