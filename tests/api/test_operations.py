@@ -25,8 +25,10 @@ async def test_metrics_count_requests_backend_calls_and_resources(api: Api) -> N
     assert 'tether_http_requests_total{method="POST",route="/v3/attachments",status="200"} 1.0' in text
     assert 'tether_http_requests_total{method="GET",route="/v3/volumes/{volume_id}",status="404"} 1.0' in text
     assert 'tether_http_request_duration_seconds_count{method="POST",route="/v3/volumes"}' in text
-    assert 'tether_backend_operation_duration_seconds_count{operation="create_export"} 1.0' in text
-    assert 'tether_backend_operation_duration_seconds_count{operation="add_initiator"} 1.0' in text
+    # one named storage operation per connect: the export and its ACL together
+    assert 'tether_backend_operation_duration_seconds_count{operation="connect"} 1.0' in text
+    assert 'tether_backend_operation_duration_seconds_count{operation="create_volume"} 1.0' in text
+    assert 'tether_node_up{node="tether"} 1.0' in text
     assert "tether_dispatcher_queue_depth 0.0" in text
     assert "tether_dispatcher_busy_workers 0.0" in text
     assert 'tether_attachments{status="attaching"}' in text
@@ -40,7 +42,7 @@ async def test_backend_failures_are_counted(api: Api) -> None:
     failed = await api.post("/attachments", {"attachment": {"volume_uuid": volume["id"], "connector": connector}})
     assert failed.status_code == 500
     text = (await api.client.get("/metrics")).text
-    assert 'tether_backend_operation_failures_total{operation="add_initiator"} 1.0' in text
+    assert 'tether_backend_operation_failures_total{operation="connect"} 1.0' in text
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ BODIES: dict[str, Any] = {
 }
 READS_AND_DELETES = {
     "list_volumes",
+    "list_services",
     "list_volumes_detail",
     "show_volume",
     "delete_volume",
