@@ -31,6 +31,11 @@ from app.services.reconcile import Reconciler
 log = logging.getLogger("tether.node")
 
 GIB = 1024**3
+# seconds between two fetches of an idle worker. procrastinate fetches on a new job's notification, or at this
+# poll (5 s by default): a job deferred while its volume's previous job runs (the lock) is skipped, and nothing
+# wakes the worker when that job ends; nor does a notification that lands while a fetch is finding nothing.
+# Either way the job would wait for the poll, and its API caller with it.
+FETCH_POLL = 0.5
 
 
 @dataclass
@@ -127,6 +132,7 @@ class NodeAgent:
                         concurrency=settings.backend_workers,
                         install_signal_handlers=False,
                         delete_jobs="always",
+                        fetch_job_polling_interval=FETCH_POLL,
                         name=f"tether-node-{name}",
                     ),
                     name="worker",
@@ -176,7 +182,7 @@ class NodeAgent:
         bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
         try:
             ok, result = await self._execute(op, job.get("args") or [])
-            async with self.db.write() as session:
+            async with self.db.autocommit() as session:
                 await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
         finally:
             end_request(tokens)

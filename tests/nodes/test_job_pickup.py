@@ -1,0 +1,72 @@
+"""How soon a real `tether node` starts a job (SPEC 10): a job queued behind another job of the same volume (the
+queue's per-volume lock) starts when that one ends, not at the queue library's next poll.
+
+procrastinate's worker fetches on a notification of a new job, or every fetch_job_polling_interval (5 s by
+default); when the job ahead of it on the same lock ends, nothing tells the worker to fetch again. So the
+first connect of a new volume whose finish_create job had just written `available` (and was not yet marked
+done), or any job deferred while its volume's previous job ran, waited up to 5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from app.backends.base import VolumeRef
+from app.db.engine import Database
+from app.queue import JobQueue
+from app.secrets import SecretBox
+from app.services.nodes import RemoteNode
+from tests.nodes.cluster import Cluster, NodeSpec
+
+pytestmark = pytest.mark.postgres
+
+DELAY = 0.5  # seconds each fake backend call sleeps on the node
+
+
+@pytest.fixture
+def slow_fake_node(make_cluster: Callable[..., Cluster]) -> Cluster:
+    """One `tether node` on the fake backend, each storage call taking DELAY seconds; no API tier."""
+    spec = NodeSpec(
+        "node-q",
+        env={"TETHER_VOLUME_BACKEND": "fake", "TETHER_TARGET": "fake", "TETHER_FAKE_DELAY": f"{DELAY:g}"},
+    )
+    return make_cluster([spec], start=False).start(api=False)
+
+
+@pytest.fixture
+async def remote(slow_fake_node: Cluster) -> AsyncIterator[RemoteNode]:
+    """What an API worker uses to run a job on node-q and wait for its outcome."""
+    url = slow_fake_node.database_url
+    queue = JobQueue(url, SecretBox(None))
+    await queue.start()
+    db = Database(url, 2)
+    try:
+        yield RemoteNode("node-q", db, queue, timeout=30)
+    finally:
+        await queue.close()
+        await db.dispose()
+
+
+async def timed(node: RemoteNode, key: str, op: str, *args: Any) -> float:
+    """Seconds from the job's defer to its outcome."""
+    started = time.monotonic()
+    await node.call(key, op, args)
+    return time.monotonic() - started
+
+
+async def test_a_job_queued_behind_its_volumes_running_job_starts_when_that_one_ends(remote: RemoteNode) -> None:
+    await timed(remote, "warm-up", "capacity")  # the node is consuming
+    for _ in range(3):
+        volume = VolumeRef(id=str(uuid.uuid4()), size_gb=1)
+        first = asyncio.create_task(timed(remote, volume.id, "create_volume", volume))
+        await asyncio.sleep(DELAY / 2)  # the first job is running on the node and holds the volume's lock
+        second = await timed(remote, volume.id, "create_volume", volume)  # an idempotent ensure: runs again
+        await first
+        # the rest of the first job, then the second: about 1.5 x DELAY; the library's poll would make it 5 s
+        assert second < DELAY * 1.5 + 1.5, f"the second job of a volume took {second:.2f} s"
