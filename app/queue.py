@@ -218,18 +218,19 @@ class JobQueue:
         return bool(row["ok"]), json.loads(row["result"]) if row["result"] is not None else None
 
 
+# the outcome and its notification in one statement (NOTIFY is sent when that statement's transaction commits)
 _RECORD = text(
-    "INSERT INTO node_job_results (job_id, ok, result, created_at) VALUES (:job_id, :ok, :result, now())"
-    " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result"
+    "WITH recorded AS (INSERT INTO node_job_results (job_id, ok, result, created_at)"
+    " VALUES (:job_id, :ok, :result, now())"
+    " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id)"
+    " SELECT pg_notify(:channel, CAST(job_id AS text)) FROM recorded"
 )
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _PRUNE = text("DELETE FROM node_job_results WHERE created_at < now() - make_interval(secs => :ttl)")
 
 
 async def record_outcome(session: AsyncSession, job_id: int, ok: bool, result: Any, *, prune: bool = False) -> None:
-    """The node's half: the outcome and its notification, in the caller's transaction."""
-    await session.execute(_RECORD, {"job_id": job_id, "ok": ok, "result": json.dumps(result)})
-    await session.execute(_NOTIFY, {"channel": CHANNEL, "payload": str(job_id)})
+    """The node's half: the outcome and its notification (one statement; the caller's session commits it)."""
+    await session.execute(_RECORD, {"job_id": job_id, "ok": ok, "result": json.dumps(result), "channel": CHANNEL})
     if prune:
         await session.execute(_PRUNE, {"ttl": RESULT_TTL})
 
