@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(default=300.0, gt=0)
     # seconds the API tier waits for a node's job before it answers 503
     node_timeout: float = Field(default=60.0, gt=0)
+    # `tether node` serves Prometheus metrics (its jobs by operation, its pool, its thread pool) on this port
+    node_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    node_metrics_host: str = "127.0.0.1"
     reconcile_on_start: bool = True
     # Fernet key or passphrase: CHAP secrets are stored sealed (reconcile seals the ones stored before)
     secret_key: str | None = None

@@ -64,7 +64,7 @@ class Metrics:
 
         self.job_duration = Histogram(
             "tether_node_job_duration_seconds",
-            "Time from a job's enqueue to its outcome, as the waiting API process saw it, by node and operation.",
+            "Jobs by node and operation: on the API, enqueue to outcome as the caller waited; on a node, the run.",
             ["node", "operation"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from app.db.engine import Database
 from app.db.locks import cross_process_locks
 from app.db.models import utcnow
 from app.logs import begin_request, bind, end_request
+from app.metrics import Metrics
 from app.queue import TASK, Codec, queue_of, record_outcome
 from app.secrets import SecretBox
 from app.services.nodes import SEQUENCES, LocalNode, Nodes, every, node_row
@@ -96,6 +98,7 @@ class NodeAgent:
         self.secrets = SecretBox(settings.secret_key)
         self.codec = Codec(self.secrets)
         self.stopping = asyncio.Event()
+        self.metrics = Metrics()
 
     async def run(self) -> None:
         import procrastinate
@@ -109,6 +112,11 @@ class NodeAgent:
         storage = local_storage(settings, db, dispatcher, self.secrets)
         self.storage = storage
         self.db = db
+        self.metrics.watch(dispatcher)
+        if settings.node_metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(settings.node_metrics_port, settings.node_metrics_host, registry=self.metrics.registry)
         app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(settings.database_url)))
         app.task(name=TASK, pass_context=True)(self._job)
         beat = Heartbeat(settings, storage.nodes, storage.node)
@@ -180,8 +188,10 @@ class NodeAgent:
         op = str(job.get("op"))
         tokens = begin_request(str(job.get("request_id") or "-"))
         bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
+        started = time.perf_counter()
         try:
             ok, result = await self._execute(op, job.get("args") or [])
+            self.metrics.observe_job(self.settings.node_name, op, time.perf_counter() - started, not ok)
             async with self.db.autocommit() as session:
                 await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
         finally:
