@@ -22,6 +22,7 @@ from tests.nodes.netns import Network
 
 ISCSI_TOOLS = ("tgtd", "tgtadm", "iscsi-readcapacity16", "iscsi-ls")
 CLUSTERS = pytest.StashKey[list[Cluster]]()
+MODULE_CLUSTERS = pytest.StashKey[list[Cluster]]()
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,20 @@ def network() -> Iterator[Network]:
         made.destroy()
 
 
+def cluster_factory(clusters: list[Cluster], directory: Path) -> Callable[..., Cluster]:
+    """make(nodes, *, start=True, **Cluster options): a cluster on a fresh database, added to `clusters`."""
+
+    def make(nodes: Sequence[NodeSpec | str] = ("node-a", "node-b"), *, start: bool = True, **options: Any) -> Cluster:
+        url = new_pg_database("tether_nodes")
+        cluster = Cluster(directory / f"cluster-{len(clusters)}", url, nodes, owns_database=True, **options)
+        clusters.append(cluster)
+        if start:
+            cluster.start()
+        return cluster
+
+    return make
+
+
 @pytest.fixture
 def make_cluster(
     request: pytest.FixtureRequest, tmp_path: Path, iscsi_tools: None, tether_node: None
@@ -64,17 +79,23 @@ def make_cluster(
     test (its database dropped)."""
     clusters: list[Cluster] = []
     request.node.stash[CLUSTERS] = clusters
-
-    def make(nodes: Sequence[NodeSpec | str] = ("node-a", "node-b"), *, start: bool = True, **options: Any) -> Cluster:
-        url = new_pg_database("tether_nodes")
-        cluster = Cluster(tmp_path / f"cluster-{len(clusters)}", url, nodes, owns_database=True, **options)
-        clusters.append(cluster)
-        if start:
-            cluster.start()
-        return cluster
-
     try:
-        yield make
+        yield cluster_factory(clusters, tmp_path)
+    finally:
+        for cluster in clusters:
+            cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def make_module_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, iscsi_tools: None, tether_node: None
+) -> Iterator[Callable[..., Cluster]]:
+    """make_cluster for a whole module: its tests share the cluster (each costs ~15 s to start), so each must
+    leave it usable for the others (its own projects, zones or volumes; a node it stops, it says so)."""
+    clusters: list[Cluster] = []
+    request.node.stash[MODULE_CLUSTERS] = clusters
+    try:
+        yield cluster_factory(clusters, tmp_path_factory.mktemp("clusters"))
     finally:
         for cluster in clusters:
             cluster.stop()
@@ -90,7 +111,8 @@ def cluster(make_cluster: Callable[..., Cluster]) -> Cluster:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report = outcome.get_result()
-    clusters = item.stash.get(CLUSTERS, [])
+    module = item.getparent(pytest.Module)
+    clusters = item.stash.get(CLUSTERS, []) + (module.stash.get(MODULE_CLUSTERS, []) if module else [])
     if report.failed and clusters:
         for index, cluster in enumerate(clusters):
             report.sections.append((f"cluster logs ({report.when}, cluster {index})", cluster.logs()))
