@@ -46,12 +46,12 @@ from app.secrets import SecretBox
 from app.services.attachments import AttachmentService, ConnectorValidator
 from app.services.idempotency import Idempotency, Replayed
 from app.services.legacy import LegacyService
-from app.services.nodes import Nodes, every, scheduler_row
+from app.services.nodes import Nodes, scheduler_row
 from app.services.sweeper import Sweeper
 from app.services.types import VolumeTypeService
 from app.services.volume_metadata import VolumeMetadataService
 from app.services.volumes import VolumeService
-from app.services.work import BackgroundWork
+from app.services.work import BackgroundWork, every
 
 log = logging.getLogger("tether")
 

@@ -27,8 +27,9 @@ from app.logs import begin_request, bind, end_request
 from app.metrics import Metrics
 from app.queue import TASK, Codec, queue_of, record_outcome
 from app.secrets import SecretBox
-from app.services.nodes import SEQUENCES, LocalNode, Nodes, every, node_row
+from app.services.nodes import SEQUENCES, LocalNode, Nodes, node_row
 from app.services.reconcile import Reconciler
+from app.services.work import every
 
 log = logging.getLogger("tether.node")
 

@@ -11,7 +11,6 @@ initiator)` runs a named operation (app/backends/operations.py) on the volume's 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import socket
@@ -341,20 +340,6 @@ def free_bytes(service: Service, allocated_gb: int) -> int:
     allocated (a sparse or thin pool reports more free space than its volumes may grow into)."""
     total, free = service.total_bytes or 0, service.free_bytes or 0
     return max(0, min(free, total - allocated_gb * GIB))
-
-
-async def every(seconds: float, work: Callable[[], Awaitable[Any]], name: str, *, first: bool = True) -> None:
-    """Run `work` every `seconds` until cancelled; a failure is logged, never the end of the loop."""
-    if not first:
-        await asyncio.sleep(seconds)
-    while True:
-        try:
-            await work()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed; trying again in %g s", name, seconds)
-        await asyncio.sleep(seconds)
 
 
 def node_row(settings: Any, capacity: Any | None) -> dict[str, Any]:

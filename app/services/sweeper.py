@@ -24,6 +24,7 @@ from app.db.locks import sole_turn
 from app.db.models import utcnow
 from app.services.idempotency import Idempotency
 from app.services.transitions import A, lock_volume, recompute_volume
+from app.services.work import every
 
 log = logging.getLogger("tether.sweeper")
 
@@ -94,12 +95,7 @@ class Sweeper:
 
     async def run(self) -> None:
         """Sweep every `interval` seconds until cancelled; a failed round is logged and the next one retries."""
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("the sweep failed; the next one, in %s s, retries", self.interval)
+        await every(self.interval, self.sweep, "the sweep", first=False)
 
     async def sweep(self) -> SweepReport:
         report = SweepReport()

@@ -1,10 +1,11 @@
-"""Background work that outlives a request (volume create and delete), tracked so shutdown can wait for it."""
+"""Background work that outlives a request (volume create and delete), tracked so shutdown can wait for it;
+and `every()`, the loop of periodic work (heartbeats, reconciles, sweeps)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("tether.work")
@@ -31,3 +32,17 @@ class BackgroundWork:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+async def every(seconds: float, work: Callable[[], Awaitable[Any]], name: str, *, first: bool = True) -> None:
+    """Run `work` every `seconds` until cancelled; a failure is logged, never the end of the loop."""
+    if not first:
+        await asyncio.sleep(seconds)
+    while True:
+        try:
+            await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed; the next one, in %g s, retries", name, seconds)
+        await asyncio.sleep(seconds)
