@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,22 @@ OPERATIONS = {
     "reconcile": Client.reconcile,
 }
 
+# the torture tests' mix: weights by operation
+TORTURE_MIX = {
+    "create": 10,
+    "create+connect": 14,
+    "update": 12,
+    "complete": 12,
+    "delete": 16,
+    "legacy-attach": 7,
+    "legacy-detach": 6,
+    "list": 3,
+    "show": 3,
+    "volume-churn": 2,
+    "reset": 1,
+    "reconcile": 1,
+}
+
 
 def server_env(pg: PgDatabase, tgtd: TgtDaemon, file_dir: Path) -> dict[str, str]:
     return {
@@ -392,12 +409,20 @@ async def logins(http: httpx.AsyncClient, pg: PgDatabase, project: str, sample: 
     return problems, admitted, refused
 
 
+@dataclass(frozen=True)
+class Store:
+    """One storage host as the checks see it: its tgtd and its volume directory."""
+
+    tgtd: TgtDaemon
+    file_dir: Path
+
+
 @dataclass
 class Verdict:
     """The invariants at rest, checked once the clients have stopped."""
 
     snap: Snapshot
-    state: TargetState
+    states: dict[str | None, TargetState]  # by storage node (None: the one host)
     problems: list[str]
     login_problems: list[str]
     admitted: int
@@ -405,11 +430,18 @@ class Verdict:
 
     def lines(self) -> list[str]:
         volumes, attachments = self.snap.counts()
-        exported = [t for t in self.state.targets if t.iqn.startswith(IQN_PREFIX)]
+        targets = []
+        for node, state in self.states.items():
+            exported = [t for t in state.targets if t.iqn.startswith(IQN_PREFIX)]
+            targets.append(
+                f"tgtd{f' of {node}' if node else ''}: {len(self.snap.volumes_on(node))} volumes, "
+                f"{len(exported)} targets, {sum(len(t.acls) for t in exported)} ACL entries, "
+                f"{len(state.accounts)} accounts"
+            )
         return [
             f"at rest: volumes {dict(sorted(volumes.items()))}; attachments {dict(sorted(attachments.items()))}",
-            f"tgtd: {len(exported)} targets, {sum(len(t.acls) for t in exported)} ACL entries, "
-            f"{len(self.state.accounts)} accounts; logins: {self.admitted} admitted, {self.refused} refused",
+            *targets,
+            f"logins: {self.admitted} admitted, {self.refused} refused",
             f"  statuses at rest, tgtd == database, files: {'ok' if not self.problems else 'FAILED'}",
             *(f"    {p}" for p in self.problems),
             f"  real logins: {self.login_problems or 'ok'}",
@@ -417,13 +449,33 @@ class Verdict:
 
 
 async def verify(server: Server, pg: PgDatabase, project: str, tgtd: TgtDaemon, file_dir: Path) -> Verdict:
+    """One storage host (embedded mode): its tgtd and directory hold every volume of the database."""
+    return await verify_stores(server, pg, project, {None: Store(tgtd, file_dir)})
+
+
+async def verify_stores(server: Server, pg: PgDatabase, project: str, stores: Mapping[str | None, Store]) -> Verdict:
+    """Each storage node's tgtd and directory against the database's volumes of that node (keyed by the node's
+    name, the `<node>` of a volume's host; None: one host holding every volume)."""
     await quiet(pg, project)
     snap = await snapshot(pg, project)
-    state = read_tgtd(tgtd)
-    problems = check_at_rest(snap) + check_target(snap, state, file_dir, snap.volumes) + check_files(snap, file_dir)
+    problems = check_at_rest(snap)
+    if None not in stores:
+        problems += [
+            f"volume {v.id} ({v.status}) is on {v.host!r}, no storage node of this cluster"
+            for v in snap.volumes.values()
+            if v.node not in stores
+        ]
+    states = {}
+    for node, store in stores.items():
+        states[node] = state = read_tgtd(store.tgtd)
+        mine = snap.volumes_on(node)
+        problems += [
+            f"{node}: {p}" if node else p
+            for p in check_target(snap, state, store.file_dir, mine) + check_files(snap, store.file_dir, mine)
+        ]
     async with http_client(server, project) as http:
         login_problems, admitted, refused = await logins(http, pg, project)
-    return Verdict(snap, state, problems, login_problems, admitted, refused)
+    return Verdict(snap, states, problems, login_problems, admitted, refused)
 
 
 def load_lines(world: World, seconds: float) -> list[str]:

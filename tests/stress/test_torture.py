@@ -74,7 +74,7 @@ from tests.stress.harness import (
     spawn_server,
     stop_server,
 )
-from tests.stress.load import Client, World, load_lines, server_env, verify
+from tests.stress.load import TORTURE_MIX, Client, World, load_lines, server_env, verify
 
 pytestmark = [pytest.mark.storage, pytest.mark.postgres]
 
@@ -88,20 +88,6 @@ ABANDON = env_float("TETHER_TORTURE_ABANDON", 0.03)
 SEED = env_int("TETHER_TORTURE_SEED", 20261121)
 
 INITIATORS = [f"iqn.1994-05.com.example:torture-host-{n}" for n in range(HOSTS)]
-WEIGHTS = {
-    "create": 10,
-    "create+connect": 14,
-    "update": 12,
-    "complete": 12,
-    "delete": 16,
-    "legacy-attach": 7,
-    "legacy-detach": 6,
-    "list": 3,
-    "show": 3,
-    "volume-churn": 2,
-    "reset": 1,
-    "reconcile": 1,
-}
 
 
 # -- the test -----------------------------------------------------------------------------------------------
@@ -122,7 +108,7 @@ async def test_torture(tgtd: TgtDaemon, pg: PgDatabase, tmp_path: Path, capsys: 
             multi_type=multi_type,
             volumes={**dict.fromkeys(single, False), **dict.fromkeys(multi, True)},
             seed=SEED,
-            weights=WEIGHTS,
+            weights=TORTURE_MIX,
             initiators=INITIATORS,
             abandon=ABANDON,
             admin=http_client(server, "admin", "admin"),
