@@ -147,6 +147,10 @@ def _nodes(settings: Settings) -> list[Any]:
 def _node(_args: argparse.Namespace) -> int:
     import signal
 
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.backends.base import BackendError
+    from app.errors import TetherError
     from app.logs import configure_logging
     from app.node import NodeAgent
 
@@ -166,7 +170,7 @@ def _node(_args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(go())
-    except OSError as error:
+    except (OSError, BackendError, SQLAlchemyError, TetherError) as error:  # its database or storage is down
         raise CLIError(f"node {settings.node_name} cannot start: {_one_line(error)}") from None
     return 0
 

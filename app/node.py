@@ -57,8 +57,8 @@ def local_storage(settings: Settings, db: Database, dispatcher: Dispatcher, secr
     cap = settings.pool_capacity_gb * GIB if settings.pool_capacity_gb is not None else None
     node = LocalNode(settings.node_name, dispatcher, StorageOps(backends, cap))
     nodes = Nodes(db, dispatcher, local=node, down_time=settings.service_down_time)
-    own = settings.pool_host if settings.nodes == "remote" else None
-    return LocalStorage(backends, node, nodes, Reconciler(db, nodes, secrets, own_host=own))
+    own = settings.node_name if settings.nodes == "remote" else None
+    return LocalStorage(backends, node, nodes, Reconciler(db, nodes, secrets, own_node=own))
 
 
 class Heartbeat:
@@ -123,10 +123,16 @@ class NodeAgent:
         beat = Heartbeat(settings, storage.nodes, storage.node)
         storage.reconciler.on_change = beat.poke
         tasks: list[asyncio.Task[Any]] = []
+        try:  # the storage and the database answer, or the node does not start (one line from the CLI)
+            await storage.node.call(None, "check", ())
+            await beat.beat()
+        except BaseException:
+            if locks is not None:
+                await locks.close()
+            await db.dispose()
+            raise
         async with app.open_async():
             try:
-                await storage.node.call(None, "check", ())
-                await beat.beat()
                 await self._recover(app)
                 name = settings.node_name
                 tasks.append(asyncio.create_task(beat.run(), name="heartbeat"))
@@ -190,11 +196,18 @@ class NodeAgent:
         tokens = begin_request(str(job.get("request_id") or "-"))
         bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
         started = time.perf_counter()
+        deadline = job.get("deadline")
         try:
-            ok, result = await self._execute(op, job.get("args") or [])
+            if deadline is not None and time.time() > float(deadline):
+                # its caller answered 503 already; what it claimed is this node's reconcile's to settle
+                log.warning("job %s (%s) reached past its caller's deadline: not run", job_id, op)
+                ok, result = False, "the caller stopped waiting before the node reached the job"
+            else:
+                ok, result = await self._execute(op, job.get("args") or [])
             self.metrics.observe_job(self.settings.node_name, op, time.perf_counter() - started, not ok)
-            async with self.db.autocommit() as session:
-                await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
+            if deadline is not None:  # somebody waits for it (or did)
+                async with self.db.autocommit() as session:
+                    await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
         finally:
             end_request(tokens)
 

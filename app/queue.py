@@ -154,9 +154,20 @@ class JobQueue:
         request_id: str,
         *,
         wait: bool = True,
+        deadline_s: float = 60.0,
     ) -> int:
-        """Add the job to `session`'s transaction: it exists exactly when that transaction commits."""
-        payload = {"op": op, "args": [self.codec.encode(a) for a in args], "request_id": request_id}
+        """Add the job to `session`'s transaction: it exists exactly when that transaction commits.
+
+        A job somebody waits for carries that wait's end (`deadline`, wall-clock seconds): a node that gets to it
+        later answers it failed without running it, since its caller has answered 503 and the node's reconcile
+        settles what the caller claimed; a job nobody waits for (`deadline` null) runs whenever it is reached,
+        and its outcome is not recorded."""
+        payload = {
+            "op": op,
+            "args": [self.codec.encode(a) for a in args],
+            "request_id": request_id,
+            "deadline": time.time() + deadline_s if wait else None,
+        }
         job_id = int(
             (
                 await session.execute(

@@ -331,6 +331,8 @@ class LegacyService:
 
         async def work() -> None:
             async with self.nodes.exclusive(volume.id) as run:
+                if attach_status == AttachStatus.DETACHED:
+                    await run.require()  # the export must go too: a node that is down is a 503, nothing changed
                 async with self.db.write() as session:
                     await load_volume(session, ctx, volume_id, lock=True)
                     values: dict[str, Any] = {"updated_at": utcnow()}

@@ -46,22 +46,26 @@ class ReconcileReport:
 
 class Reconciler:
     def __init__(
-        self, db: Database, nodes: Nodes, secrets: SecretBox | None = None, *, own_host: str | None = None
+        self, db: Database, nodes: Nodes, secrets: SecretBox | None = None, *, own_node: str | None = None
     ) -> None:
-        """`nodes`: this process's own storage (nodes.local); `own_host`: the one pool it reconciles (a node),
-        or None for every volume in the database (embedded: this process is the only node)."""
+        """`nodes`: this process's own storage (nodes.local); `own_node`: the node whose volumes it reconciles
+        (hosts `<node>@…`, whatever their backend and pool names), or None for every volume in the database
+        (embedded: this process is the only node)."""
         assert nodes.local is not None
         self.db = db
         self.nodes = nodes
         self.local = nodes.local
         self.secrets = secrets or SecretBox(None)
-        self.own_host = own_host
+        self.own_node = own_node
         # told when a volume was created or deleted here: the node's heartbeat then reports the new capacity
         self.on_change: Callable[[], None] | None = None
         nodes.local.side = self
 
     def _mine(self) -> list[Any]:
-        return [] if self.own_host is None else [Volume.host == self.own_host]
+        return [] if self.own_node is None else [self._on_this_node()]
+
+    def _on_this_node(self) -> Any:
+        return Volume.host.startswith(f"{self.own_node}@", autoescape=True)  # type: ignore[union-attr, call-arg]
 
     async def sequence(self, op: str, args: tuple[Any, ...]) -> Any:
         """A node-side job: a volume's create or delete with its status change, or a whole reconcile."""
@@ -324,11 +328,11 @@ class Reconciler:
     async def _others(self, volume_ids: Iterable[str]) -> set[str]:
         """Of exports no volume of ours wants, those of another node's volumes: never ours to remove."""
         ids = list(volume_ids)
-        if self.own_host is None or not ids:
+        if self.own_node is None or not ids:
             return set()
         async with self.db.read() as session:
             rows = await session.execute(
-                select(Volume.id).where(Volume.id.in_(ids), Volume.host != self.own_host)  # type: ignore[attr-defined]
+                select(Volume.id).where(Volume.id.in_(ids), ~self._on_this_node())  # type: ignore[attr-defined]
             )
             return set(rows.scalars().all())
 
