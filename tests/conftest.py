@@ -6,8 +6,10 @@ Each test works in a project of its own, so tests never see each other's rows an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -311,6 +313,9 @@ def start_server(tmp: Path, env_overrides: dict[str, str] | None = None, workers
         env={**env, "PYTHONPATH": str(ROOT)},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
+        # its own process group: killing the server kills its workers too (a killed supervisor's workers
+        # live on as orphans, heartbeating into a database that is gone, and load the machine for the rest)
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -322,8 +327,16 @@ def start_server(tmp: Path, env_overrides: dict[str, str] | None = None, workers
                 return Server(base, process, env, log)
         except httpx.HTTPError:
             time.sleep(0.1)
-    process.kill()
+    _kill_group(process)
     raise RuntimeError(f"tether serve did not start: {log.read_text()}")
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the server and every worker it started (they share its process group); called while the server
+    is not reaped yet, so its group id is still its own."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def stop_server(server: Server) -> None:
@@ -331,8 +344,7 @@ def stop_server(server: Server) -> None:
     try:
         server.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        _kill_group(server.process)
 
 
 @pytest.fixture
