@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ from app.services.reconcile import Reconciler
 from app.services.work import every
 
 log = logging.getLogger("tether.node")
+# after a job ends: wake this node's worker (procrastinate's own channel and message) when a job is waiting
+_WAKE = (
+    "SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
+    " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
+)
+_INSERTED = json.dumps({"type": "job_inserted"})
 
 GIB = 1024**3
 # seconds between two fetches of an idle worker. procrastinate fetches on a new job's notification, or at this
@@ -99,6 +106,7 @@ class NodeAgent:
         self.secrets = SecretBox(settings.secret_key)
         self.codec = Codec(self.secrets)
         self.stopping = asyncio.Event()
+        self._wakes: set[asyncio.Task[None]] = set()
         self.metrics = Metrics()
 
     async def run(self) -> None:
@@ -195,6 +203,9 @@ class NodeAgent:
         op = str(job.get("op"))
         tokens = begin_request(str(job.get("request_id") or "-"))
         bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
+        this = asyncio.current_task()
+        if this is not None:  # procrastinate records the job's end, and frees its lock, in this task after us
+            this.add_done_callback(lambda _task: self._job_ended(context.app))
         started = time.perf_counter()
         deadline = job.get("deadline")
         try:
@@ -226,3 +237,22 @@ class NodeAgent:
         except Exception as error:  # a job never dies unanswered: its caller would wait for the deadline
             log.exception("%s failed", op)
             return False, f"{type(error).__name__} on the node"
+
+    def _job_ended(self, app: Any) -> None:
+        """A job is over, its end recorded: let the worker fetch again now. A job of the same volume deferred while
+        this one ran was skipped (the lock; the API defers a volume's next job as soon as it has the outcome,
+        which is recorded before the end), and a notification that came while the worker's fetch was finding
+        nothing was dropped with it; nothing else wakes the worker before its poll (FETCH_POLL)."""
+        wake = asyncio.get_running_loop().create_task(self._wake(app))
+        self._wakes.add(wake)
+        wake.add_done_callback(self._wakes.discard)
+
+    async def _wake(self, app: Any) -> None:
+        from procrastinate.manager import get_channel_for_queues
+
+        queue = queue_of(self.settings.node_name)
+        (channel,) = get_channel_for_queues([queue])
+        try:
+            await app.connector.execute_query_async(_WAKE, channel=channel, message=_INSERTED, queue=queue)
+        except Exception as error:  # the poll finds the job anyway
+            log.debug("waking the job worker failed: %s", error)
