@@ -13,6 +13,7 @@ from app.routers.docs import faults, since
 from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import PoolList
 from app.services.listing import parse_bool
+from app.services.nodes import free_bytes
 
 router = APIRouter(prefix="/scheduler-stats", tags=["scheduler stats"])
 
@@ -35,8 +36,10 @@ async def list_pools(
     auth.caller(policy.GET_POOLS)
     state = request.app.state
     pools: list[dict[str, Any]] = []
-    # every node's pool, down ones too, with the capacities of its last heartbeat
-    for service in sorted((await state.nodes.services(fresh=True)).values(), key=lambda s: s.name):
+    # every node's pool, down ones too, with the capacities of its last heartbeat; free is what the scheduler
+    # may still promise (as Cinder's get_pools shows its scheduler's view): a sparse file pool's volumes use
+    # no disk until written, so the node's own figure would not shrink as volumes land
+    for service, allocated in await state.nodes.pools():
         pool: dict[str, Any] = {"name": service.pool_host}
         if parse_bool("detail", detail):
             pool["capabilities"] = {
@@ -46,7 +49,8 @@ async def list_pools(
                 "driver_version": request.app.version,
                 "storage_protocol": "iSCSI",
                 "total_capacity_gb": round((service.total_bytes or 0) / GIB, 2),
-                "free_capacity_gb": round((service.free_bytes or 0) / GIB, 2),
+                "free_capacity_gb": round(free_bytes(service, allocated) / GIB, 2),
+                "allocated_capacity_gb": allocated,
                 "reserved_percentage": 0,
                 "thin_provisioning_support": service.thin,
                 "thick_provisioning_support": not service.thin,

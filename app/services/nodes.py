@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, overload
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,6 +31,7 @@ from app.backends.base import BackendError
 from app.backends.dispatch import Dispatcher, KeyedLocks, Lease
 from app.backends.operations import NAMES, StorageOps
 from app.db.engine import Database
+from app.db.locks import advisory_key
 from app.db.models import Service, Volume, utcnow
 from app.errors import InvalidVolume, ServiceUnavailable
 from app.logs import bind, request_id_var
@@ -44,6 +45,10 @@ GIB = 1024**3
 _HOSTS_KEPT = 100_000
 # seconds a process believes what it read of the services table (who is up)
 _STATE_TTL = 1.0
+# one placement at a time across every API process, held until the create's transaction commits: the next
+# create then counts the volume this one placed (racing creates each saw the same free space and all took it)
+_PLACEMENT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_PLACEMENT_KEY = advisory_key("tether.placement")
 
 
 class NodeUnavailable(ServiceUnavailable):
@@ -304,23 +309,24 @@ class Nodes:
             return None, f"{why} in zone {zone or '(any)'}" + (
                 f" with volume_backend_name {backend_name}" if backend_name else ""
             )
-        allocated: dict[str | None, Any] = dict(
-            (
-                await session.execute(
-                    select(Volume.host, func.sum(Volume.size))
-                    .where(Volume.host.in_([s.pool_host for s in up]))  # type: ignore[union-attr]
-                    .group_by(Volume.host)
-                )
-            ).all()
-        )
+        if not self.db.is_sqlite:  # SQLite's writers take turns already (BEGIN IMMEDIATE)
+            await session.execute(_PLACEMENT_LOCK, {"key": _PLACEMENT_KEY})
+        allocated = await allocated_gb(session, [s.pool_host for s in up])
         best: tuple[int, str, Service] | None = None
         for service in up:
-            free = free_bytes(service, int(allocated.get(service.pool_host) or 0))
+            free = free_bytes(service, allocated.get(service.pool_host, 0))
             if free >= size_gb * GIB and (best is None or (free, best[1]) > (best[0], service.name)):
                 best = (free, service.name, service)
         if best is None:
             return None, f"no up storage node in zone {zone or '(any)'} has {size_gb} GiB free"
         return best[2], ""
+
+    async def pools(self) -> list[tuple[Service, int]]:
+        """Every node's pool (down ones too, as their last heartbeat left them) and the GiB its volumes hold."""
+        services = sorted((await self.services(fresh=True)).values(), key=lambda s: s.name)
+        async with self.db.read() as session:
+            allocated = await allocated_gb(session, [s.pool_host for s in services])
+        return [(service, allocated.get(service.pool_host, 0)) for service in services]
 
     # -- heartbeats -------------------------------------------------------------------------------
 
@@ -333,6 +339,16 @@ class Nodes:
         stmt = stmt.on_conflict_do_update(index_elements=["binary", "name"], set_=values)
         async with self.db.autocommit() as session:
             await session.execute(stmt)
+
+
+async def allocated_gb(session: AsyncSession, hosts: list[str]) -> dict[str, int]:
+    """GiB of the volumes placed on each pool host (whatever their status: a volume holds its place)."""
+    rows = await session.execute(
+        select(Volume.host, func.sum(Volume.size))
+        .where(Volume.host.in_(hosts))  # type: ignore[union-attr]
+        .group_by(Volume.host)
+    )
+    return {str(host): int(size or 0) for host, size in rows.all()}
 
 
 def free_bytes(service: Service, allocated_gb: int) -> int:

@@ -12,7 +12,7 @@ from app.db.engine import Database
 from app.db.models import Attachment, Volume, utcnow
 from app.errors import BackendFailure
 from app.queue import queue_of
-from app.services.nodes import LocalNode, Nodes
+from app.services.nodes import LocalNode, Nodes, free_bytes
 
 log = logging.getLogger("tether.status")
 
@@ -84,7 +84,7 @@ async def node_states(nodes: Nodes) -> list[tuple[str, float, bool, int | None]]
 
 async def node_report(nodes: Nodes) -> list[NodeState]:
     """Every storage node as its last heartbeat left it, with the jobs waiting in its queue (PostgreSQL)."""
-    services = await nodes.services(fresh=True)
+    pools = await nodes.pools()
     depths: dict[str, int] = {}
     if not nodes.db.is_sqlite and nodes.queue is not None:
         async with nodes.db.read() as session:
@@ -104,8 +104,9 @@ async def node_report(nodes: Nodes) -> list[NodeState]:
             up=nodes.is_up(s),
             heartbeat_age=(now - s.heartbeat_at).total_seconds(),
             total_bytes=s.total_bytes,
-            free_bytes=s.free_bytes,
+            # what the scheduler may still promise, as get_pools shows it
+            free_bytes=free_bytes(s, allocated) if s.free_bytes is not None else None,
             queue_depth=depths.get(queue_of(s.name), 0) if nodes.queue is not None else None,
         )
-        for s in sorted(services.values(), key=lambda s: s.name)
+        for s, allocated in pools
     ]
