@@ -152,7 +152,9 @@ class RemoteNode:
         self, session: AsyncSession, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
     ) -> Pending:
         """wait=False: nobody awaits the outcome (the node records it in the database itself)."""
-        job_id = await self.queue.defer(session, self.name, key, op, args, request_id_var.get(), wait=wait)
+        job_id = await self.queue.defer(
+            session, self.name, key, op, args, request_id_var.get(), wait=wait, deadline_s=self.timeout
+        )
         bind(node=self.name, job_id=str(job_id), operation=op)  # the request's log lines name its job
         if not wait:
             return _Now(_nothing)
