@@ -201,7 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             nodes = Nodes(
                 db, dispatcher, queue=queue, timeout=settings.node_timeout, down_time=settings.service_down_time
             )
-            validator = connector_validator(settings)
+            validator = connector_validator(lambda: nodes.targets() | {settings.target})
         attachment_service = AttachmentService(db, nodes, validator, secrets)
         app.state.db = db
         app.state.dispatcher = dispatcher

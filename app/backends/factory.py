@@ -50,10 +50,15 @@ def build_backends(settings: Settings) -> Backends:
     return Backends(volumes=volumes, target=target)
 
 
-def connector_validator(settings: Settings) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
-    """The target's connector check without a target (an API tier in front of remote nodes)."""
-    if settings.target == "lio":
-        from app.backends.targets.lio import validate_lio_connector
+def connector_validator(targets: Callable[[], set[str]]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The connector check of the targets the storage nodes run, without a target (an API tier in front of remote
+    nodes): LIO's stricter names whenever one of `targets()` is LIO (so a connector no node would refuse)."""
 
-        return validate_lio_connector
-    return validate_iscsi_connector
+    def check(connector: Mapping[str, Any]) -> dict[str, Any]:
+        if "lio" in targets():
+            from app.backends.targets.lio import validate_lio_connector
+
+            return validate_lio_connector(connector)
+        return validate_iscsi_connector(connector)
+
+    return check

@@ -280,6 +280,11 @@ class Nodes:
     def is_up(self, service: Service) -> bool:
         return utcnow() - service.heartbeat_at <= timedelta(seconds=self.down_time)
 
+    def targets(self) -> set[str]:
+        """The target kinds (tgt, lio, fake) of the nodes this process has heard of (no query: what the last
+        read of the services table said)."""
+        return {s.target for s in self._state[1].values() if s.target}
+
     async def services(self, *, fresh: bool = False) -> dict[str, Service]:
         """The storage nodes by name, as their last heartbeats left them (re-read at most once a second)."""
         at, known = self._state
