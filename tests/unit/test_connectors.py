@@ -59,3 +59,17 @@ def test_other_keys_are_kept_as_given() -> None:
 @pytest.mark.parametrize(("value", "expected"), [(True, True), ("True", True), ("false", False), (False, False)])
 def test_multipath_flag(value: object, expected: bool) -> None:
     assert wants_multipath({"multipath": value}) is expected
+
+
+def test_a_remote_api_tier_checks_connectors_as_its_nodes_targets_would() -> None:
+    """An API tier without a target of its own: LIO's rule as soon as one node is LIO (its names are stricter)."""
+    from app.backends.factory import connector_validator
+
+    connector = {"initiator": "iqn.2004-10.com.example:host_1"}  # an underscore: tgt takes it, LIO does not
+    targets = {"tgt"}
+    check = connector_validator(lambda: targets)
+    assert check(connector)["initiator"] == "iqn.2004-10.com.example:host_1"
+    targets.add("lio")
+    with pytest.raises(InvalidConnector) as refused:
+        check(connector)
+    assert refused.value.key == "initiator"
