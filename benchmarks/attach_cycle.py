@@ -7,7 +7,9 @@ one JSON line per run, with the driver's own CPU per request so a saturated driv
 
     python benchmarks/attach_cycle.py --base http://127.0.0.1:8776 --clients 8 --seconds 10
 
-Against a keystone-mode server, `--token <a Keystone token> --project <its project id>` (benchmarks/auth_cost.py).
+Against a keystone-mode server, `--token <a Keystone token> --project <its project id>` (benchmarks/auth_cost.py);
+against an API tier in remote mode, `--node-pid <pid>` (repeatable) adds the storage nodes' CPU per request
+(benchmarks/node_cost.py).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ async def run(
     server_pid: int | None,
     token: str | None = None,
     project: str | None = None,
+    node_pids: tuple[int, ...] = (),
 ) -> dict[str, object]:
     # noauth: a project of its own; keystone: the token's project
     project = project or f"bench{uuid.uuid4().hex[:8]}"
@@ -119,9 +122,11 @@ async def run(
     measuring = True
     measured_from, cpu_from = time.perf_counter(), time.process_time()
     server_from = process_tree_cpu(server_pid) if server_pid else 0.0
+    nodes_from = sum(process_tree_cpu(pid) for pid in node_pids)
     await asyncio.gather(*tasks)
     elapsed, driver_cpu = time.perf_counter() - measured_from, time.process_time() - cpu_from
     server_cpu = process_tree_cpu(server_pid) - server_from if server_pid else None
+    nodes_cpu = sum(process_tree_cpu(pid) for pid in node_pids) - nodes_from
     for connection in connections:
         await connection.close()
 
@@ -140,6 +145,10 @@ async def run(
         "driver_cpu_ms_per_request": round(1000 * driver_cpu / len(every), 3) if every else None,
         # the tasks finish their last cycle after the window: this slightly overstates the server's CPU per request
         "server_cpu_ms_per_request": round(1000 * server_cpu / len(every), 2) if every and server_cpu else None,
+        # remote mode: the storage nodes' CPU (their job handling), beside the API tier's
+        **(
+            {"node_cpu_ms_per_request": round(1000 * nodes_cpu / len(every), 2) if every else None} if node_pids else {}
+        ),
     }
 
 
@@ -150,12 +159,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--server-pid", type=int, help="the server's PID: report its CPU per request")
+    parser.add_argument(
+        "--node-pid", type=int, action="append", default=[], help="a `tether node` PID: report the nodes' CPU too"
+    )
     parser.add_argument("--token", help="a Keystone token (keystone mode); default: noauth's bench:<project>")
     parser.add_argument("--project", help="the token's project id (with --token)")
     args = parser.parse_args()
     if bool(args.token) != bool(args.project):
         parser.error("--token and --project go together")
-    result = run(args.base, args.clients, args.seconds, args.warmup, args.server_pid, args.token, args.project)
+    result = run(
+        args.base,
+        args.clients,
+        args.seconds,
+        args.warmup,
+        args.server_pid,
+        args.token,
+        args.project,
+        tuple(args.node_pid),
+    )
     print(json.dumps(uvloop.run(result)))
 
 

@@ -20,69 +20,14 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
+from benchmarks.processes import BASE, bench_env, drive, fresh_db, serve, stop
 from tests.keystone.keystone import PASSWORD, Keystone, make_cloud
-
-ROOT = Path(__file__).resolve().parents[1]
-PORT = 18776
-BASE = f"http://127.0.0.1:{PORT}"
-DATABASE = "postgresql+asyncpg://postgres@127.0.0.1:5432/tether_bench"
-
-
-def fresh_db(env: dict[str, str]) -> None:
-    psql = ["psql", "-q", "-U", "postgres", "-h", "127.0.0.1"]
-    subprocess.run(
-        [*psql, "-c", "DROP DATABASE IF EXISTS tether_bench WITH (FORCE)", "-c", "CREATE DATABASE tether_bench"],
-        check=True,
-    )
-    subprocess.run(
-        [sys.executable, "-m", "app.cli", "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True
-    )
-
-
-def serve(env: dict[str, str], workers: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(PORT), "--workers", str(workers)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    for _ in range(200):
-        try:
-            if httpx.get(f"{BASE}/healthcheck", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    server.kill()
-    raise RuntimeError(f"tether serve did not start: {log.read_text()[-2000:]}")
-
-
-def stop(server: subprocess.Popen[bytes]) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
-
-
-def drive(clients: int, seconds: float, server: int, token: str | None, project: str | None) -> dict[str, object]:
-    argv = [sys.executable, "-m", "benchmarks.attach_cycle", "--base", BASE, "--clients", str(clients)]
-    argv += ["--seconds", str(seconds), "--server-pid", str(server)]
-    if token and project:
-        argv += ["--token", token, "--project", project]
-    out = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def validation_cost(cloud: object, project: str, token: str, count: int = 20) -> dict[str, float]:
@@ -172,10 +117,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
 
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("TETHER_", "OS_"))}
-    base_env.update(
-        {"TETHER_DATABASE_URL": DATABASE, "TETHER_LOG_LEVEL": "WARNING", "TETHER_RECONCILE_ON_START": "false"}
-    )
+    base_env = bench_env()
     with tempfile.TemporaryDirectory(prefix="tether-auth-cost-") as tmp:
         keystone = Keystone(Path(tmp))
         keystone.install()

@@ -36,3 +36,9 @@ echo "## list latency against table size"
 fresh_db; serve "$ROOT" 1
 $PY -m benchmarks.list_scale --base $BASE --db postgresql://postgres@127.0.0.1:5432/tether_bench
 stop
+
+echo "## storage-node queue: job latency (one tether node, fake backend)"
+$PY -m benchmarks.job_latency --jobs 400 --concurrency 1 4 16 --rounds 2
+
+echo "## storage-node queue: attach cycles embedded vs remote (one tether node, fake backend), alternately"
+$PY -m benchmarks.node_cost --clients 1 8 --seconds ${SECONDS_PER_RUN:-6} --rounds 4
