@@ -13,18 +13,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from app.backends.base import VolumeRef
 from app.db.engine import Database
+from app.node import FETCH_POLL
 from app.queue import JobQueue
 from app.secrets import SecretBox
-from app.node import FETCH_POLL
 from app.services.nodes import RemoteNode
-from tests.nodes.cluster import Cluster, NodeSpec
+from tests.conftest import new_pg_database
+from tests.nodes.cluster import Cluster, NodeSpec, running
 
 pytestmark = pytest.mark.postgres
 
@@ -32,14 +33,19 @@ DELAY = 0.5  # seconds each fake backend call sleeps on the node (`capacity` doe
 JOBS = 40
 
 
-@pytest.fixture
-def slow_fake_node(make_cluster: Callable[..., Cluster]) -> Cluster:
-    """One `tether node` on the fake backend, each storage call taking DELAY seconds; no API tier."""
+@pytest.fixture(scope="module")
+def slow_fake_node(tmp_path_factory: pytest.TempPathFactory, iscsi_tools: None, tether_node: None) -> Iterator[Cluster]:
+    """One `tether node` on the fake backend, each storage call taking DELAY seconds; no API tier; one for the
+    module (each test uses volumes of its own)."""
     spec = NodeSpec(
         "node-q",
         env={"TETHER_VOLUME_BACKEND": "fake", "TETHER_TARGET": "fake", "TETHER_FAKE_DELAY": f"{DELAY:g}"},
     )
-    return make_cluster([spec], start=False).start(api=False)
+    cluster = Cluster(
+        tmp_path_factory.mktemp("job-pickup"), new_pg_database("tether_nodes"), [spec], owns_database=True
+    )
+    with running(cluster, api=False):
+        yield cluster
 
 
 @pytest.fixture
