@@ -135,3 +135,9 @@ class ServiceUnavailable(TetherError):
     """Something the request needs is down or was lost mid-way (a lock's connection); nothing half-done stays."""
 
     code = 503
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The database went away (a restart, a dropped connection) while serving the request; try again."""
+
+    message = "The database is unavailable; try again later."

@@ -11,7 +11,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import microversions
-from app.errors import OverLimit, TetherError, fault_body
+from app.db.engine import database_unavailable
+from app.errors import DatabaseUnavailable, OverLimit, TetherError
 from app.logs import begin_request, end_request
 
 log = logging.getLogger("tether.api")
@@ -116,10 +117,15 @@ class APIMiddleware:
         except _TooLarge:
             if not started:
                 await fail(OverLimit())
-        except Exception:
-            log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
+        except Exception as error:
+            failure: TetherError = TetherError()
+            if database_unavailable(error):  # reached past the services (a lock's or the queue's own connection)
+                failure = DatabaseUnavailable()
+                log.warning("%s %s: %s (%s)", scope["method"], scope["path"], failure.message, error)
+            else:
+                log.exception("unexpected error serving %s %s", scope["method"], scope["path"])
             if not started:
-                for message in _json_response_messages(500, fault_body(500, TetherError.message), []):
+                for message in _json_response_messages(failure.code, failure.body(), []):
                     await send_with_headers(message)
         finally:
             self._done(scope, status_code, started_at, token, request_id)

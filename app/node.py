@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,10 @@ from app.config import Settings
 from app.db.engine import Database
 from app.db.locks import cross_process_locks
 from app.db.models import utcnow
+from app.errors import DatabaseUnavailable
 from app.logs import begin_request, bind, end_request
 from app.metrics import Metrics
-from app.queue import TASK, Codec, queue_of, record_outcome
+from app.queue import EXPIRED, TASK, Codec, queue_of, record_outcome
 from app.secrets import SecretBox
 from app.services.nodes import SEQUENCES, LocalNode, Nodes, node_row
 from app.services.reconcile import Reconciler
@@ -46,6 +48,13 @@ GIB = 1024**3
 # wakes the worker when that job ends; nor does a notification that lands while a fetch is finding nothing.
 # Either way the job would wait for the poll, and its API caller with it.
 FETCH_POLL = 0.5
+# seconds before the job worker starts again after it ended by itself (its database went away)
+RESTART = 1.0
+_FINISHED_KEPT = 10_000
+# seconds between two looks for jobs this process finished that procrastinate still has `doing`, and how long
+# procrastinate has to record a job's end itself before the look does it
+SETTLE_EVERY = 5.0
+SETTLE_AFTER = 5.0
 
 
 @dataclass
@@ -108,6 +117,8 @@ class NodeAgent:
         self.stopping = asyncio.Event()
         self._wakes: set[asyncio.Task[None]] = set()
         self.metrics = Metrics()
+        # the jobs this process ran to the end: job id -> when (monotonic), newest last
+        self._finished: OrderedDict[int, float] = OrderedDict()
 
     async def run(self) -> None:
         import procrastinate
@@ -149,17 +160,13 @@ class NodeAgent:
                         every(settings.reconcile_interval, self._reconcile, "reconcile"), name="reconcile"
                     )
                 )
-                worker = asyncio.create_task(
-                    app.run_worker_async(
-                        queues=[queue_of(name)],
-                        concurrency=settings.backend_workers,
-                        install_signal_handlers=False,
-                        delete_jobs="always",
-                        fetch_job_polling_interval=FETCH_POLL,
-                        name=f"tether-node-{name}",
-                    ),
-                    name="worker",
+                tasks.append(
+                    asyncio.create_task(
+                        every(SETTLE_EVERY, lambda: self._settle(app), "settling ended jobs", first=False),
+                        name="settle",
+                    )
                 )
+                worker = asyncio.create_task(self._work(app), name="worker")
                 tasks.append(worker)
                 log.info("node %s ready: queue %s, pool %s", name, queue_of(name), settings.pool_host)
                 stop = asyncio.create_task(self.stopping.wait())
@@ -177,6 +184,49 @@ class NodeAgent:
                 await db.dispose()
         log.info("node %s stopped", settings.node_name)
 
+    async def _work(self, app: Any) -> None:
+        """procrastinate's worker on this node's queue, for as long as the node runs.
+
+        The worker ends by itself when the database fails under it (a job fetch or a job's bookkeeping during
+        a PostgreSQL restart); it is started again, after the jobs it left `doing` are settled as a restart
+        settles them, so a database restart never ends the node."""
+        name = self.settings.node_name
+        restarted = False
+        while True:
+            try:
+                if restarted:
+                    await self._recover(app)
+                await app.run_worker_async(
+                    queues=[queue_of(name)],
+                    concurrency=self.settings.backend_workers,
+                    install_signal_handlers=False,
+                    delete_jobs="always",
+                    fetch_job_polling_interval=FETCH_POLL,
+                    name=f"tether-node-{name}",
+                )
+                log.error("the job worker of queue %s stopped; starting it again in %g s", queue_of(name), RESTART)
+            except Exception as error:
+                log.error(
+                    "the job worker of queue %s failed (%s); starting it again in %g s",
+                    queue_of(name),
+                    str(error).strip() or type(error).__name__,
+                    RESTART,
+                )
+            restarted = True
+            await asyncio.sleep(RESTART)
+
+    async def _settle(self, app: Any) -> None:
+        """Jobs this process ran to the end that procrastinate still has `doing`: recording their end failed
+        (the database went away under it, and the worker lives on), and a `doing` job holds its volume's lock,
+        so every later job of that volume would wait for it for good."""
+        from procrastinate.jobs import Status
+
+        ended = time.monotonic() - SETTLE_AFTER
+        for job in await app.job_manager.list_jobs_async(queue=queue_of(self.settings.node_name), status="doing"):
+            if job.id is not None and self._finished.get(job.id, ended + 1) <= ended:
+                log.warning("job %s ended but procrastinate did not record it: finishing it now", job.id)
+                await app.job_manager.finish_job_by_id_async(job.id, status=Status.SUCCEEDED, delete_job=True)
+
     async def _reconcile(self) -> None:
         await self.storage.reconciler.run()
 
@@ -193,6 +243,9 @@ class NodeAgent:
                 log.warning("job %s (%s) was cut short by a restart: running it again", job.id, op)
                 await app.job_manager.retry_job_by_id_async(job.id, retry_at=utcnow())
                 continue
+            if job.id in self._finished:  # this process ran it to the end; only procrastinate's record of it was lost
+                await app.job_manager.finish_job_by_id_async(job.id, status=Status.SUCCEEDED, delete_job=True)
+                continue
             log.warning("job %s (%s) was cut short by a restart: answered as failed", job.id, op)
             async with self.db.write() as session:
                 await record_outcome(session, job.id, False, "the storage node restarted during the job")
@@ -208,19 +261,42 @@ class NodeAgent:
             this.add_done_callback(lambda _task: self._job_ended(context.app))
         started = time.perf_counter()
         deadline = job.get("deadline")
+        cancelled = False
         try:
             if deadline is not None and time.time() > float(deadline):
                 # its caller answered 503 already; what it claimed is this node's reconcile's to settle
                 log.warning("job %s (%s) reached past its caller's deadline: not run", job_id, op)
-                ok, result = False, "the caller stopped waiting before the node reached the job"
+                ok, result = False, EXPIRED
             else:
                 ok, result = await self._execute(op, job.get("args") or [])
             self.metrics.observe_job(self.settings.node_name, op, time.perf_counter() - started, not ok)
             if deadline is not None:  # somebody waits for it (or did)
+                await self._answer(job_id, ok, result, float(deadline))
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            if not cancelled:
+                self._finished[job_id] = time.monotonic()
+                while len(self._finished) > _FINISHED_KEPT:
+                    self._finished.popitem(last=False)
+            end_request(tokens)
+
+    async def _answer(self, job_id: int, ok: bool, result: Any, deadline: float) -> None:
+        """The outcome for the job's caller, recorded also across a database restart: tried again until the
+        caller's deadline has passed (the storage work is done; only telling it was interrupted)."""
+        delay = 0.1
+        while True:
+            try:
                 async with self.db.autocommit() as session:
                     await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
-        finally:
-            end_request(tokens)
+                return
+            except DatabaseUnavailable as error:
+                if time.time() > deadline:
+                    raise
+                log.warning("recording the outcome of job %s failed (%s); trying again", job_id, error.__cause__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _execute(self, op: str, raw: list[Any]) -> tuple[bool, Any]:
         if op not in NAMES and op not in SEQUENCES:

@@ -33,6 +33,12 @@ TASK = "tether.node_op"
 CHANNEL = "tether_job_done"
 # a result nobody read within this long (its waiter crashed) is removed by the next reader
 RESULT_TTL = 3600.0
+# seconds to wait for a new connection to the database (asyncpg's default is 60: past any job's deadline)
+_CONNECT_TIMEOUT = 5.0
+# what a connection that the database dropped (or that an operation cut off mid-way left unusable) raises
+_CONNECTION_LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+# the outcome of a job that a node reached after its caller's deadline and did not run
+EXPIRED = "the caller stopped waiting before the node reached the job"
 
 _DEFER = text(
     "SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task, 0, :lock, NULL, CAST(:args AS jsonb),"
@@ -117,7 +123,7 @@ class JobQueue:
 
     async def _listen(self) -> None:
         try:
-            connection = await asyncpg.connect(self.dsn)
+            connection = await asyncpg.connect(self.dsn, timeout=_CONNECT_TIMEOUT)
             await connection.add_listener(CHANNEL, self._heard)
             connection.add_termination_listener(self._lost)
             self._listener = connection
@@ -199,9 +205,16 @@ class JobQueue:
                     await self._listen()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(waiter), min(remaining, self.poll))
-                outcome = await self._take(job_id)
+                try:
+                    outcome = await self._take(job_id)
+                except _CONNECTION_LOST as error:
+                    # the database went away (a restart): the outcome, once the node records it, waits in its table
+                    log.warning("reading the outcome of job %s failed (%s); trying again", job_id, error)
+                    outcome = None
                 if outcome is not None:
                     ok, result = outcome
+                    if not ok and result == EXPIRED:  # not run: as if it had had no outcome in time
+                        raise JobTimeout(f"job {job_id} ({op} on node {node}) was reached past its deadline")
                     if not ok:
                         raise JobFailed(str(result))
                     failed = False
@@ -216,12 +229,11 @@ class JobQueue:
     async def _take(self, job_id: int) -> tuple[bool, Any] | None:
         async with self._reader_lock:
             if self._reader is None or self._reader.is_closed():
-                self._reader = await asyncpg.connect(self.dsn)
+                self._reader = await asyncpg.connect(self.dsn, timeout=_CONNECT_TIMEOUT)
             try:
                 row = await self._reader.fetchrow(_TAKE_RESULT.text, job_id)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                with contextlib.suppress(Exception):
-                    await self._reader.close()
+            except _CONNECTION_LOST:
+                self._reader.terminate()  # closed at once: one cut off mid-operation cannot run another
                 self._reader = None
                 raise
         if row is None:

@@ -11,13 +11,51 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from app.errors import DatabaseUnavailable, TetherError
 
 # How the next SQLite transaction begins: writers take the write lock up front (BEGIN IMMEDIATE)
 # so two writers never deadlock upgrading a shared lock; readers stay deferred and run under WAL.
 _sqlite_begin: contextvars.ContextVar[str] = contextvars.ContextVar("sqlite_begin", default="DEFERRED")
 # set while a task is inside a write transaction, so a nested one does not wait for an admission slot
 _writing: contextvars.ContextVar[bool] = contextvars.ContextVar("writing", default=False)
+
+
+# SQLSTATEs that say the server cannot be reached now, not that a statement was wrong: the connection exceptions
+# (class 08), an administrator's shutdown or a restart (57P01-57P03), no connection slot left (53300)
+_UNAVAILABLE_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is the database going away or refusing connections: a PostgreSQL
+    restart, a dropped connection; never a statement the database refused."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, ConnectionError):  # refused, reset, aborted, a broken pipe
+            return True
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_UNAVAILABLE_STATES):
+            return True
+        orig = getattr(current, "orig", None)
+        current = current.__cause__ or (orig if isinstance(orig, BaseException) else None) or current.__context__
+    return False
+
+
+@asynccontextmanager
+async def _reachable() -> AsyncIterator[None]:
+    """A database that went away is a 503 (DatabaseUnavailable), whatever the driver called it."""
+    try:
+        yield
+    except Exception as error:
+        if not isinstance(error, TetherError) and database_unavailable(error):
+            raise DatabaseUnavailable() from error
+        raise
 
 
 def _ensure_sqlite_dir(url: str) -> None:
@@ -85,7 +123,7 @@ class Database:
         async with self._admitted():
             token = _sqlite_begin.set("IMMEDIATE")
             try:
-                async with self._sessions() as session, session.begin():
+                async with _reachable(), self._sessions() as session, session.begin():
                     yield session
             finally:
                 _sqlite_begin.reset(token)
@@ -98,13 +136,13 @@ class Database:
             async with self.write() as session:
                 yield session
             return
-        async with self._admitted(), self._readers() as session, session.begin():
+        async with self._admitted(), _reachable(), self._readers() as session, session.begin():
             yield session
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """Reads only: on PostgreSQL each statement runs on its own (no snapshot spans the block)."""
-        async with self._readers() as session, session.begin():
+        async with _reachable(), self._readers() as session, session.begin():
             yield session
 
     async def dispose(self) -> None:

@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from app.backends.dispatch import KeyedLocks, Lease, LockLost, LockTimeout
 from app.db.engine import Database
+from app.errors import DatabaseUnavailable
 
 log = logging.getLogger("tether.locks")
 
@@ -98,10 +99,20 @@ class AdvisoryLocks:
                     connection.add_termination_listener(self._dropped)
                     self._connection = connection
                 return bool(await self._connection.fetchval(sql, key, timeout=self._command_timeout))
-            except (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
-                # a lost connection also lost its session locks: whoever holds one learns it from its lease
+            except (
+                OSError,
+                TimeoutError,
+                asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,  # an operation cut off mid-way (the server went away under it)
+                asyncpg.exceptions.OperatorInterventionError,  # a shutdown or restart of the server
+            ) as error:
+                # a lost connection also lost its session locks: whoever holds one learns it from its lease. It
+                # is closed for good first: one left open in a state it cannot leave would keep its locks
+                if self._connection is not None:
+                    self._connection.terminate()
                 self._dropped()
-                raise
+                raise DatabaseUnavailable() from error
 
     async def _ping(self) -> None:
         """While locks are held, notice a dropped connection within a second (a quiet socket says nothing)."""

@@ -531,6 +531,10 @@ class AttachmentService:
             log.error("connecting attachment %s of volume %s failed: %s", attachment.id, volume.id, error)
             await self._undo(claimed, initiator, run)
             raise BackendFailure(f"Unable to connect volume {volume.id}: the storage backend failed.") from None
+        # the volume's lock lost while the node worked (its connection dropped: a database restart) means another
+        # process may have taken the volume since, and rolled this claim back (a node's reconcile does): 503, and
+        # nothing recorded onto what is no longer this claim
+        run.check()
 
         info = build_connection_info(
             volume=volume, attachment=attachment, export=export, chap=chap, connector=connector, mode=claimed.mode
