@@ -242,7 +242,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await sweeper.stop()
             for task in background:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            if background:  # a periodic task that will not end never holds the shutdown up for good
+                _done, stuck = await asyncio.wait(background, timeout=10)
+                for task in stuck:
+                    log.error("background task %s did not stop within 10 s of its cancel", task.get_name())
             await work.idle()
             if app.state.keystone is not None:
                 await app.state.keystone.aclose()

@@ -100,8 +100,11 @@ class Heartbeat:
 
     async def run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can lose a cancellation that comes as its
+            # timeout fires, and then this task never ends (a server's shutdown waited for it for good)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._soon.wait(), self.settings.node_heartbeat)
+                async with asyncio.timeout(self.settings.node_heartbeat):
+                    await self._soon.wait()
             self._soon.clear()
             try:
                 await self.beat()

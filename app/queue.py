@@ -204,7 +204,8 @@ class JobQueue:
                 if self._listener is None and not self._closing:
                     await self._listen()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(waiter), min(remaining, self.poll))
+                    async with asyncio.timeout(min(remaining, self.poll)):  # not wait_for: see app/node.py
+                        await asyncio.shield(waiter)
                 try:
                     outcome = await self._take(job_id)
                 except _CONNECTION_LOST as error:
