@@ -122,9 +122,10 @@ class Dispatcher:
             for observe in self.observers:
                 observe(name, time.perf_counter() - started, failed)
 
-    def hold(self, key: str) -> AbstractAsyncContextManager[Lease | None]:
-        """Hold `key` (a volume id), waiting at most lock_timeout; the lease says whether it is still held."""
-        return self._locks.hold(key, self.lock_timeout)
+    def hold(self, key: str, wait: float | None = None) -> AbstractAsyncContextManager[Lease | None]:
+        """Hold `key` (a volume id), waiting at most `wait` s (lock_timeout by default); the lease says whether it
+        is still held."""
+        return self._locks.hold(key, self.lock_timeout if wait is None else wait)
 
     @asynccontextmanager
     async def exclusive(self, key: str) -> AsyncIterator[Runner]:

@@ -17,7 +17,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, overload
@@ -28,7 +28,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backends.base import BackendError
-from app.backends.dispatch import Dispatcher, KeyedLocks, Lease
+from app.backends.dispatch import Dispatcher, KeyedLocks, Lease, LockTimeout
 from app.backends.operations import NAMES, StorageOps
 from app.db.engine import Database
 from app.db.locks import advisory_key
@@ -45,6 +45,8 @@ GIB = 1024**3
 _HOSTS_KEPT = 100_000
 # seconds a process believes what it read of the services table (who is up)
 _STATE_TTL = 1.0
+# seconds a request waits for a busy volume before it looks whether the volume's node is down (then every as long)
+_LOCK_LOOK = 1.0
 # one placement at a time across every API process, held until the create's transaction commits: the next
 # create then counts the volume this one placed (racing creates each saw the same free space and all took it)
 _PLACEMENT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
@@ -227,8 +229,31 @@ class Nodes:
     async def exclusive(self, volume_id: str) -> AsyncIterator[NodeRunner]:
         """Hold the volume (across every process sharing the database) for a sequence of state changes and
         storage operations."""
-        async with self.dispatcher.hold(volume_id) as lease:
+        async with AsyncExitStack() as stack:
+            lease = await self._acquire(stack, volume_id)
             yield NodeRunner(self, volume_id, lease)
+
+    async def _acquire(self, stack: AsyncExitStack, volume_id: str) -> Lease | None:
+        """The volume's lock, waited for at most lock_timeout. In remote mode a lock still busy after a second has
+        the volume's node looked at, every second: a node that hung while it held the volume (stopped mid-job:
+        its connection, and PostgreSQL's lock with it, lives on) would hold it until lock_timeout, and what waits
+        here needs that node anyway, so a down node is a 503 now (a 409 after two minutes before)."""
+        if self.local is not None:
+            return await stack.enter_async_context(self.dispatcher.hold(volume_id))
+        limit = self.dispatcher.lock_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            step = _LOCK_LOOK if deadline is None else max(0.0, min(_LOCK_LOOK, deadline - time.monotonic()))
+            try:
+                return await stack.enter_async_context(self.dispatcher.hold(volume_id, step))
+            except LockTimeout:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise LockTimeout(volume_id, limit or 0) from None
+            try:
+                await self.node_of(volume_id)
+            except NodeUnavailable:
+                if self._hosts.get(volume_id):  # its node is down (not: the volume is gone or was never placed)
+                    raise
 
     def runner(self, volume_id: str) -> NodeRunner:
         """Operations on a volume without holding its lock (node-side sequences already serialised by the queue)."""

@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.backends.targets.tgt import TgtTarget
+from app.backends.targets.tgt import TgtTarget, parse_targets
 from app.db.locks import advisory_key, asyncpg_dsn
 from tests.conftest import LiveCaller, missing
 from tests.nodes import postgres
@@ -416,6 +416,27 @@ def project() -> str:
     return f"p{uuid.uuid4().hex[:12]}"
 
 
+def tid_of(tgtd: TgtDaemon, volume_id: str) -> int:
+    (target,) = [t for t in parse_targets(tgtd.show()) if t.iqn == f"{IQN_PREFIX}volume-{volume_id}"]
+    return target.tid
+
+
+def tgtadm_ok(tgtd: TgtDaemon, *args: str) -> None:
+    result = tgtd.tgtadm(*args)
+    assert result.returncode == 0, f"tgtadm {' '.join(args)}: {result.stderr}"
+
+
+def lock_holders(fc: FaultCluster, volume_id: str) -> list[int]:
+    """The backends holding the volume's lock (a session advisory lock on its id's key)."""
+    high, low = divmod(advisory_key(volume_id) % 2**64, 2**32)
+    rows = fc.db.rows(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND granted",
+        high,
+        low,
+    )
+    return [int(row[0]) for row in rows]
+
+
 def send(node: Node, sig: signal.Signals) -> None:
     assert node.pid is not None, f"node {node.name} was never started"
     os.kill(node.pid, sig)
@@ -565,10 +586,15 @@ def test_a_hung_node_is_a_503_naming_it_and_changes_nothing_and_what_needs_no_st
     connected = fc.attach(alice, attached, on_host)
     alice.ok("POST", f"/volumes/{legacy}/action", {"os-reserve": None}, status=202)
     ids = [free, reserved, legacy, attached]
-    # a node stopped mid-reconcile may hold a volume's lock, and the API would wait for it (see the report)
     fc.wait_settled()
+    # hung mid-work: its reconcile puts back an ACL that went missing (slowly) and holds `attached`'s lock when the
+    # node stops; a stopped process keeps its connections, so PostgreSQL keeps that lock for it
+    fc.slow_tgtadm(name, 2.0, only="-Q")
+    tgtadm_ok(node.tgtd, "--op", "unbind", "--mode", "target", "--tid", str(tid_of(node.tgtd, attached)), "-Q", on_host)
+    poll("node-b's reconcile to hold the volume", lambda: True if lock_holders(fc, attached) else None, timeout=10)
 
     send(node, signal.SIGSTOP)
+    fc.slow_tgtadm(name, 0)
     try:
         fc.cluster.wait_down(name, timeout=DOWN_TIME + 10)
         time.sleep(STATE_TTL)  # every API worker's view of who is up is at most this old
@@ -576,25 +602,31 @@ def test_a_hung_node_is_a_503_naming_it_and_changes_nothing_and_what_needs_no_st
         exports_before = fc.exports(node.tgtd)
         before = fc.db.snapshot(ids)
         conn = connector(initiator_name("new"))
+        quick = fc.caller(project)
+        quick.http.timeout = httpx.Timeout(10.0)
+        started = time.monotonic()
         refused = [
-            request(alice.http, "create with a connector", "POST", "/attachments",
+            request(quick.http, "create with a connector", "POST", "/attachments",
                     {"attachment": {"volume_uuid": free, "connector": conn}}),
-            request(alice.http, "update (connect)", "PUT", f"/attachments/{reservation['id']}",
+            request(quick.http, "update (connect)", "PUT", f"/attachments/{reservation['id']}",
                     {"attachment": {"connector": conn}}),
-            request(alice.http, "update (re-connect)", "PUT", f"/attachments/{connected['id']}",
+            request(quick.http, "update (re-connect)", "PUT", f"/attachments/{connected['id']}",
                     {"attachment": {"connector": conn}}),
-            request(alice.http, "os-initialize_connection", "POST", f"/volumes/{legacy}/action",
+            request(quick.http, "os-initialize_connection", "POST", f"/volumes/{legacy}/action",
                     {"os-initialize_connection": {"connector": conn}}),
-            request(alice.http, "delete a connected attachment", "DELETE", f"/attachments/{connected['id']}"),
-            request(alice.http, "os-terminate_connection", "POST", f"/volumes/{attached}/action",
+            request(quick.http, "delete a connected attachment", "DELETE", f"/attachments/{connected['id']}"),
+            request(quick.http, "os-terminate_connection", "POST", f"/volumes/{attached}/action",
                     {"os-terminate_connection": {"connector": connector(on_host)}}),
-            request(alice.http, "volume delete", "DELETE", f"/volumes/{free}"),
+            request(quick.http, "volume delete", "DELETE", f"/volumes/{free}"),
         ]  # fmt: skip
+        took = time.monotonic() - started
         for outcome in refused:
             assert is_unavailable(outcome, name), f"{outcome.what}: {outcome.status} {outcome.fault}"
             assert outcome.body["serviceUnavailable"]["message"] == f"Storage node {name} is down; try again later."
             assert fc.db.snapshot(ids) == before, f"{outcome.what} changed the database"
         assert fc.db.jobs(f"node.{name}") == {}, "a refused call left a job for the node"
+        assert lock_holders(fc, attached), "the hung node no longer holds the volume: the test proved less"
+        assert took < 3 * len(refused), f"{len(refused)} refusals took {took:.1f} s"
 
         # what needs no storage work
         reads = [
@@ -682,25 +714,18 @@ def test_a_restarted_node_reconciles_its_own_exports_and_leaves_another_nodes_al
     c_info = fc.attach(alice, c_vol, on_c)["connection_info"]
     alice.ok("POST", "/attachments", {"attachment": {"volume_uuid": c_reserved}})  # reserved: no export wanted
 
-    def tid_of(volume_id: str) -> int:
-        from app.backends.targets.tgt import parse_targets
-
-        (target,) = [t for t in parse_targets(tgtd.show()) if t.iqn == f"{IQN_PREFIX}volume-{volume_id}"]
-        return target.tid
-
     def tgtadm(*args: str) -> None:
-        result = tgtd.tgtadm(*args)
-        assert result.returncode == 0, f"tgtadm {' '.join(args)}: {result.stderr}"
+        tgtadm_ok(tgtd, *args)
 
     fc.wait_settled()
     send(c, signal.SIGSTOP)  # node-c's own reconcile would repair what follows at once
     try:
         # node-c's exports as any reconcile of this tgtd would find them stale: an ACL that no attachment of
         # c_vol has, and a half-made export of a volume that is only reserved
-        tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid_of(c_vol)), "-Q", stray)
+        tgtadm("--op", "bind", "--mode", "target", "--tid", str(tid_of(tgtd, c_vol)), "-Q", stray)
         tgtadm("--op", "new", "--mode", "target", "--tid", "900", "-T", f"{IQN_PREFIX}volume-{c_reserved}")
         # and node-a's own export damaged, to see node-a's reconcile at work
-        tgtadm("--op", "unbind", "--mode", "target", "--tid", str(tid_of(a_vol)), "-Q", on_a)
+        tgtadm("--op", "unbind", "--mode", "target", "--tid", str(tid_of(tgtd, a_vol)), "-Q", on_a)
         c_exports = {v: s for v, s in fc.exports(tgtd).items() if v in (c_vol, c_reserved)}
         assert c_exports == {c_vol: (True, frozenset({on_c.lower(), stray.lower()})), c_reserved: (False, frozenset())}
         c_rows = fc.db.snapshot([c_vol, c_reserved])
@@ -753,14 +778,9 @@ def test_a_connect_that_lost_its_volumes_lock_mid_way_answers_503_and_records_no
             return True if fc.exports(fc.node(name).tgtd).get(vid, (False,))[0] else None
 
         poll("the connect to reach its ACL step", exported, timeout=10, interval=0.05)
-        high, low = divmod(advisory_key(vid) % 2**64, 2**32)
-        holders = fc.db.rows(
-            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = %s AND objid = %s AND granted",
-            high,
-            low,
-        )
+        holders = lock_holders(fc, vid)
         assert len(holders) == 1, f"who holds volume {vid}'s lock: {holders}"
-        fc.db.rows("SELECT pg_terminate_backend(%s)", holders[0][0])
+        fc.db.rows("SELECT pg_terminate_backend(%s)", holders[0])
         # the node's reconcile, now (as `tether reconcile` asks for it)
         job = {"job": {"op": "reconcile", "args": [], "request_id": "req-faults", "deadline": None}}
         fc.db.rows(
