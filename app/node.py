@@ -77,6 +77,35 @@ def local_storage(settings: Settings, db: Database, dispatcher: Dispatcher, secr
     return LocalStorage(backends, node, nodes, Reconciler(db, nodes, secrets, own_node=own))
 
 
+def job_pool(**options: Any) -> Any:
+    """procrastinate's connection pool, whose check of a connection it hands out also looks at every idle one
+    when that connection turns out dead.
+
+    psycopg_pool checks the connection a getconn takes (procrastinate asks for it) and, when it is dead, waits
+    before taking the next one, 1, 2, 4, 8 s: after a PostgreSQL restart each of the pool's dead connections
+    cost the node's job worker its turn, and no job ran for 7 to 15 s (callers with a short
+    TETHER_NODE_TIMEOUT answered 503). One dead connection mostly means all of them are: they are checked (and
+    replaced) together at once, and the next one the getconn takes, a second later, is a new one."""
+    import psycopg_pool
+
+    made: list[psycopg_pool.AsyncConnectionPool] = []
+    checks: set[asyncio.Task[None]] = set()
+
+    async def check(connection: Any) -> None:
+        try:
+            await psycopg_pool.AsyncConnectionPool.check_connection(connection)
+        except Exception:
+            if made and not checks:
+                task = asyncio.get_running_loop().create_task(made[0].check())
+                checks.add(task)
+                task.add_done_callback(checks.discard)
+            raise
+
+    pool = psycopg_pool.AsyncConnectionPool(**{**options, "check": check})
+    made.append(pool)
+    return pool
+
+
 class Heartbeat:
     """A node's services row, refreshed every TETHER_NODE_HEARTBEAT s with its pool's capacity, and at once
     after a volume was created or deleted (so get_pools and the scheduler see the change)."""
@@ -140,7 +169,9 @@ class NodeAgent:
             from prometheus_client import start_http_server
 
             start_http_server(settings.node_metrics_port, settings.node_metrics_host, registry=self.metrics.registry)
-        app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(settings.database_url)))
+        app = procrastinate.App(
+            connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(settings.database_url), pool_factory=job_pool)
+        )
         app.task(name=TASK, pass_context=True)(self._job)
         beat = Heartbeat(settings, storage.nodes, storage.node)
         storage.reconciler.on_change = beat.poke
