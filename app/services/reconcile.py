@@ -73,6 +73,14 @@ class Reconciler:
             return asdict(await self.run())
         (ref,) = args
         report = ReconcileReport()
+        # settled already (this node's reconcile finished it while the job waited in the queue, or an admin moved
+        # it): nothing to do, and no lock to wait for. A client may hold the volume's lock now, waiting for its next
+        # job, which the queue runs only after this one (one volume's jobs run in order): waiting here would have
+        # stopped both until the client's TETHER_NODE_TIMEOUT
+        waiting_for = VolumeStatus.CREATING if op == "finish_create" else VolumeStatus.DELETING
+        async with self.db.read() as session:
+            if await session.scalar(select(Volume.status).where(Volume.id == ref.id)) != waiting_for:  # type: ignore[arg-type]
+                return None
         async with self.nodes.exclusive(ref.id) as run:
             if op == "finish_create":
                 await self._finish_create(run, ref, report)

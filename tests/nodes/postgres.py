@@ -3,10 +3,11 @@ which the rest of the suite uses in the same run.
 
 `initdb` into a fresh directory (as the user postgres when we are root: initdb refuses root), trust auth, one
 free port on 127.0.0.1, the socket in that directory, fsync off (a test's data need not survive a power cut,
-only a restart, and a fast shutdown writes everything out first), and authentication_timeout 5 s: a fast
+only a restart, and a fast shutdown writes everything out first), and authentication_timeout 2 s: a fast
 shutdown waits for every backend, and one forked for a connection whose client never sent its startup packet
-waits that long for it (the default 60 s; seen here once in about fifteen restarts under load, the client
-unidentified: `restart` keeps what the server's processes and sockets were doing in `slow_restarts`).
+waits that long for it (the default 60 s; seen here in about one restart in ten under load, the client not yet
+identified: `restart` keeps what the server's processes and sockets were doing in `slow_restarts`). Longer than
+TETHER_SERVICE_DOWN_TIME, such a restart makes every node look down for a while.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class PrivatePostgres:
     def _options(self) -> str:
         return (
             f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-            f" -c max_connections={self.max_connections} -c authentication_timeout=5s"
+            f" -c max_connections={self.max_connections} -c authentication_timeout=2s"
         )
 
     def _pg_ctl(self, *args: str) -> None:
