@@ -1,8 +1,8 @@
-"""Faults of a real deployment (issue 14): a node killed with jobs in flight, a node hung, a tgtd restarted
-empty, a node restarted beside another on one tgtd, a connect whose volume lock drops, an API worker killed and
-PostgreSQL restarted under bursts of whole client cycles. Each checks what users and the storage see: answers
-(never a 500), database rows, what each tgtd really exports (equal to what the database wants of its nodes'
-volumes), real iSCSI logins.
+"""Faults of a real deployment (issue 14): a node killed with jobs in flight, a node hung (holding a volume), a
+tgtd restarted empty, a node restarted beside another on one tgtd, a connect whose volume lock drops, a create job
+that the node's reconcile overtook, an API worker killed and PostgreSQL restarted under bursts of whole client
+cycles. Each checks what users and the storage see: answers (never a 500), database rows, what each tgtd really
+exports (equal to what the database wants of its nodes' volumes), real iSCSI logins.
 
 One cluster serves the whole module (a cluster costs ~12-30 s to start here), on a private PostgreSQL server
 (tests/nodes/postgres.py: the restart test must not restart the shared one on 5432): node-a and node-b, each with
@@ -13,12 +13,12 @@ project of its own and leaves the cluster healthy: the `fc` fixture resumes or r
 stopped or dead, and waits until nothing is stranded and every export matches (a failure there names the test
 before).
 
-Timings are short so the module runs in about a minute: heartbeat 1 s, TETHER_SERVICE_DOWN_TIME 4 s,
-TETHER_RECONCILE_INTERVAL 2 s, TETHER_NODE_TIMEOUT 5 s (the API's wait for a node's job). The full-size defaults
-(10 s, 60 s, 300 s, 60 s) change how long each wait is, not what is asserted: to run with them, raise SETTLE
-above the reconcile interval, the wait for a node to go down above 60 s, and the slow tgtadm steps of the kill and
-lock tests so they still outlast the moment of the fault (a killed node is then seen down after about 70 s, a
-tgtd restarted empty is restored within 300 s).
+Timings are short so the module runs in about 75 s here, ~15 s of it the cluster's start: heartbeat 1 s,
+TETHER_SERVICE_DOWN_TIME 4 s, TETHER_RECONCILE_INTERVAL 2 s, TETHER_NODE_TIMEOUT 5 s (the API's wait for a node's
+job). The full-size defaults (10 s, 60 s, 300 s, 60 s) change how long each wait is, not what is asserted: to run
+with them, raise SETTLE above the reconcile interval, the wait for a node to go down above 60 s, and the slow
+tgtadm steps of the kill and lock tests so they still outlast the moment of the fault (a killed node is then seen
+down after about 70 s, a tgtd restarted empty is restored within 300 s).
 
 A slow storage host is a real one here: each node finds `tgtadm` first in a directory of ours whose `tgtadm`
 sleeps for what a file says (nothing by default; all commands, or those holding a word such as `-Q`) and then
