@@ -10,7 +10,7 @@ from sqlmodel import SQLModel
 
 import app.db.models  # noqa: F401 - registers the tables
 from app.db.engine import build_engine
-from app.db.migrate import database_url
+from app.db.migrate import database_url, include_name
 
 target_metadata = SQLModel.metadata
 
@@ -21,6 +21,7 @@ def _run(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        include_name=include_name,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -24,6 +24,12 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def include_name(name: str | None, type_: str, _parent_names: object) -> bool:
+    """What migrations compare: not the job queue's own tables (procrastinate's, installed beside ours on
+    PostgreSQL by `upgrade`, not migrated by us)."""
+    return not (type_ == "table" and name is not None and name.startswith("procrastinate_"))
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     """Blocking: run from a thread or before the event loop starts. On PostgreSQL it also installs the job
     queue's schema (procrastinate's tables and functions; SPEC 10)."""

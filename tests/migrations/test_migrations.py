@@ -22,7 +22,7 @@ from sqlmodel import SQLModel
 
 import app.db.models  # noqa: F401 - registers the tables on SQLModel.metadata
 from app.db.engine import build_engine
-from app.db.migrate import alembic_config, upgrade
+from app.db.migrate import alembic_config, include_name, upgrade
 from tests.conftest import PG_ADMIN_DSN, _pg, missing
 
 TETHER = str(Path(sys.executable).parent / "tether")
@@ -34,6 +34,8 @@ TABLES = {
     "attachments",
     "attachment_specs",
     "idempotency_keys",
+    "services",
+    "node_job_results",
 }
 DEFAULT_TYPE_ID = "5a5c3b7e-0d6f-4f43-9a4c-1f0c0a0b0d01"
 
@@ -69,6 +71,11 @@ def inspect(url: str, fn: Any) -> Any:
 
 
 def tables(url: str) -> set[str]:
+    """Ours: the job queue's tables (procrastinate's, on PostgreSQL) are installed beside them, not migrated."""
+    return {t for t in all_tables(url) if not t.startswith("procrastinate_")}
+
+
+def all_tables(url: str) -> set[str]:
     return set(inspect(url, lambda c: sa.inspect(c).get_table_names()))
 
 
@@ -84,7 +91,7 @@ def head_revision() -> str:
 
 def differences(url: str) -> list[Any]:
     def compare(connection: sa.Connection) -> list[Any]:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "include_name": include_name})
         return list(compare_metadata(context, SQLModel.metadata))
 
     return inspect(url, compare)  # type: ignore[no-any-return]
@@ -99,6 +106,8 @@ def test_upgrade_head_on_a_fresh_database(fresh_url: str) -> None:
     assert tables(fresh_url) == set()
     upgrade(fresh_url)
     assert tables(fresh_url) == TABLES | {"alembic_version"}
+    if fresh_url.startswith("postgresql"):  # the storage nodes' job queue (SPEC 10)
+        assert "procrastinate_jobs" in all_tables(fresh_url)
     assert current_revision(fresh_url) == head_revision()
     assert default_types(fresh_url) == [(DEFAULT_TYPE_ID, "__DEFAULT__")]
 
@@ -122,7 +131,9 @@ def test_drift_is_detected(fresh_url: str) -> None:
     sa.Table("snapshots", metadata, sa.Column("id", sa.String(36), primary_key=True))
 
     def compare(connection: sa.Connection) -> list[Any]:
-        return list(compare_metadata(MigrationContext.configure(connection), metadata))
+        return list(
+            compare_metadata(MigrationContext.configure(connection, opts={"include_name": include_name}), metadata)
+        )
 
     diffs = inspect(fresh_url, compare)
     assert [d[0] for d in diffs] == ["add_table"]
