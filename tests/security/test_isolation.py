@@ -162,6 +162,7 @@ def probes_for(v: Victim) -> dict[tuple[str, str], list[Probe]]:
         ("GET", "/scheduler-stats/get_pools"): [
             Probe("/scheduler-stats/get_pools", params={"detail": "true"}, foreign=ids(403), admin_only=True)
         ],
+        ("GET", "/os-services"): [Probe("/os-services", foreign=ids(403), admin_only=True)],
         ("GET", "/types/{type_id}"): [Probe(f"/types/{v.private_type}")],
         ("DELETE", "/types/{type_id}"): [
             Probe(f"/types/{v.public_type}", foreign=ids(403), admin_only=True),
