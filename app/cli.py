@@ -128,15 +128,25 @@ def _status(_args: argparse.Namespace) -> int:
 def _nodes(settings: Settings) -> list[Any]:
     from app.backends.dispatch import Dispatcher
     from app.db.engine import Database
-    from app.services.nodes import LocalNode, Nodes
+    from app.node import local_storage
+    from app.queue import JobQueue
+    from app.secrets import SecretBox
+    from app.services.nodes import Nodes
     from app.services.status import node_report
 
     async def go() -> list[Any]:
         db = Database(settings.database_url, pool_size=1)
+        secrets = SecretBox(settings.secret_key)
         try:
-            queue: Any = object() if settings.nodes == "remote" else None  # only asks whether jobs are counted
-            local = None if queue is not None else LocalNode(settings.node_name, Dispatcher(1), None)  # type: ignore[arg-type]
-            nodes = Nodes(db, Dispatcher(1), local=local, queue=queue, down_time=settings.service_down_time)
+            if settings.nodes == "remote":  # an unstarted queue: it only says that jobs are counted
+                nodes = Nodes(
+                    db,
+                    Dispatcher(1),
+                    queue=JobQueue(settings.database_url, secrets),
+                    down_time=settings.service_down_time,
+                )
+            else:
+                nodes = local_storage(settings, db, Dispatcher(1), secrets).nodes
             return await node_report(nodes)
         finally:
             await db.dispose()
