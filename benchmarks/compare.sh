@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Before/after in one run: the attach cycle against the code of an earlier commit and of the working tree,
 # alternately (two rounds each), with the same driver, database and machine. Prints one JSON line per run.
-#   benchmarks/compare.sh <commit> [clients…]      e.g. benchmarks/compare.sh ce8a2fb 1 8 32
+#   [WORKERS=2] [BENCH_PORT=… BENCH_DB=…] benchmarks/compare.sh <commit> [clients…]   e.g. benchmarks/compare.sh ce8a2fb 1 8 32
 # The earlier code runs from a temporary git worktree with this checkout's .venv; nothing is installed.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -21,7 +21,7 @@ trap cleanup EXIT
 run_code() {  # run_code LABEL DIR: a fresh database migrated by that code, its server, one run per client count
     local label=$1 dir=$2
     fresh_db "$dir"
-    serve "$dir" 1
+    serve "$dir" "${WORKERS:-1}"
     for clients in $CLIENTS; do
         echo -n "$label "
         "$PY" -m benchmarks.attach_cycle --base $BASE --clients "$clients" \

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PORT = 18776
+# BENCH_PORT / BENCH_DB: another port and database, so two benchmarks can run side by side
+PORT = int(os.environ.get("BENCH_PORT", "18776"))
+BENCH_DB = os.environ.get("BENCH_DB", "tether_bench")
 BASE = f"http://127.0.0.1:{PORT}"
-DATABASE = "postgresql+asyncpg://postgres@127.0.0.1:5432/tether_bench"
+DATABASE = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DB}"
 
 
 def bench_env(**settings: str) -> dict[str, str]:
@@ -30,7 +32,7 @@ def bench_env(**settings: str) -> dict[str, str]:
 def fresh_db(env: dict[str, str]) -> None:
     psql = ["psql", "-q", "-U", "postgres", "-h", "127.0.0.1"]
     subprocess.run(
-        [*psql, "-c", "DROP DATABASE IF EXISTS tether_bench WITH (FORCE)", "-c", "CREATE DATABASE tether_bench"],
+        [*psql, "-c", f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", "-c", f"CREATE DATABASE {BENCH_DB}"],
         check=True,
     )
     subprocess.run(
