@@ -7,9 +7,9 @@ Every operation is idempotent, so a retry after a crash is always safe.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class BackendError(Exception):
@@ -110,6 +110,17 @@ class Target(Protocol):
     def exports(self) -> dict[str, ExportState]:
         """Every volume export the target really has, keyed by volume id."""
         ...
+
+
+@runtime_checkable
+class ConnectingTarget(Target, Protocol):
+    """A Target that also runs a node's connect and disconnect as one call each, in fewer round trips to its
+    daemon than the separate calls (StorageOps uses them when the target has them). Each must leave what the
+    separate calls leave: create_export then add_initiator; remove_initiator of each, then remove_export."""
+
+    def connect(self, volume: VolumeRef, path: str, chap: Chap, initiator: str) -> ExportInfo: ...
+
+    def disconnect(self, volume: VolumeRef, initiators: Sequence[str], export: bool) -> None: ...
 
 
 @dataclass(frozen=True)

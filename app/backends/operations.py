@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from app.backends.base import Backends, Capacity, Chap, ExportInfo, ExportState, VolumeRef
+from app.backends.base import Backends, Capacity, Chap, ConnectingTarget, ExportInfo, ExportState, VolumeRef
 
 # the operations a job may name; anything else is refused before it reaches a backend
 NAMES = frozenset(
@@ -46,8 +46,11 @@ class StorageOps:
 
     def connect(self, volume: VolumeRef, chap: Chap, initiator: str) -> ExportInfo:
         """The export (made on the first connect) and this initiator's ACL."""
+        target = self.backends.target
+        if isinstance(target, ConnectingTarget):
+            return target.connect(volume, self.backends.volumes.path(volume), chap, initiator)
         export = self.create_export(volume, chap)
-        self.backends.target.add_initiator(volume, initiator)
+        target.add_initiator(volume, initiator)
         return export
 
     def add_initiator(self, volume: VolumeRef, initiator: str) -> None:
@@ -61,17 +64,19 @@ class StorageOps:
 
     def disconnect(self, volume: VolumeRef, initiators: Sequence[str], export: bool) -> None:
         """The ACLs nothing uses any more, then the export when no attachment is left."""
+        target = self.backends.target
+        if isinstance(target, ConnectingTarget):
+            target.disconnect(volume, initiators, export)
+            return
         for initiator in initiators:
-            self.backends.target.remove_initiator(volume, initiator)
+            target.remove_initiator(volume, initiator)
         if export:
-            self.backends.target.remove_export(volume)
+            target.remove_export(volume)
 
     def drop_export(self, volume: VolumeRef) -> None:
         """Every ACL the target really has for the volume, then its export (an admin's reset to detached)."""
         exported = self.backends.target.exports().get(volume.id)
-        for initiator in sorted(exported.initiators if exported else ()):
-            self.backends.target.remove_initiator(volume, initiator)
-        self.backends.target.remove_export(volume)
+        self.disconnect(volume, sorted(exported.initiators if exported else ()), export=True)
 
     def exports(self) -> dict[str, ExportState]:
         return self.backends.target.exports()

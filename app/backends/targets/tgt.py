@@ -1,7 +1,14 @@
 """iSCSI target on Linux tgt (tgtd), driven through tgtadm: one target per volume, LUN 1, CHAP and ACLs.
 
-tgtd is the only source of truth: every call reads `--op show --mode target` and changes only what
-differs, so each operation is idempotent and safe to repeat after a crash or a tgtd restart.
+tgtd is the only source of truth: a call reads `--op show --mode target` and changes only what differs,
+so each operation is idempotent and safe to repeat after a crash or a tgtd restart. Each tgtadm process
+costs ~1-2 ms, nearly all of it fork and exec (tgtd answers one request in ~0.04 ms, and closes its control
+socket after each one, so there is no channel to keep open); so a node operation reads the targets at most
+once and lets tgtd's own refusals stand in for the other reads:
+- `new target` fails when the tid or the name is taken, so when this process has not seen the volume's
+  target it creates it first, and a success proves the target new and empty (no listing at all);
+- `new account` fails when the user exists, and only then is it deleted and made again (no `show account`);
+- `connect` and `disconnect` hand what they read (or made) from one step to the next.
 
 Two tgtd facts shape the CHAP code (both hold in tgt 1.0.85 and in upstream 1.0.97):
 - a target with no incoming account bound lets every initiator in its ACL log in without CHAP;
@@ -16,8 +23,8 @@ import hashlib
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app.backends import cmd
@@ -111,6 +118,11 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _free_tid(used: Iterable[int]) -> int:
+    taken = set(used)
+    return next(n for n in range(1, len(taken) + 2) if n not in taken)
+
+
 class TgtTarget:
     name = "tgt"
 
@@ -124,6 +136,10 @@ class TgtTarget:
         # with no entry here, or a different one, is set again
         self._keys_lock = threading.Lock()
         self._keys: dict[str, str] = {}
+        # the targets (iqn -> tid) as this process last saw them: only a guess of which to list first and
+        # which tid to try; a wrong guess costs one refused tgtadm call, never a wrong change
+        self._seen_lock = threading.Lock()
+        self._seen: dict[str, int] = {}
 
     # -- Target protocol ---------------------------------------------------------------------------
 
@@ -134,6 +150,46 @@ class TgtTarget:
         return validate_iscsi_connector(connector)
 
     def create_export(self, volume: VolumeRef, path: str, chap: Chap) -> ExportInfo:
+        return self._export(volume, path, chap)[0]
+
+    def add_initiator(self, volume: VolumeRef, initiator: str) -> None:
+        self._check_initiator(initiator)
+        self._allow(volume, self._find(self.iqn(volume)), initiator)
+
+    def connect(self, volume: VolumeRef, path: str, chap: Chap, initiator: str) -> ExportInfo:
+        """create_export then add_initiator, the second on the target as the first left it (no second read)."""
+        self._check_initiator(initiator)
+        info, target = self._export(volume, path, chap)
+        self._allow(volume, target, initiator)
+        return info
+
+    def remove_initiator(self, volume: VolumeRef, initiator: str) -> None:
+        self.disconnect(volume, [initiator], export=False)
+
+    def remove_export(self, volume: VolumeRef) -> None:
+        self.disconnect(volume, [], export=True)
+
+    def disconnect(self, volume: VolumeRef, initiators: Sequence[str], export: bool) -> None:
+        """remove_initiator for each of `initiators`, then remove_export if `export`, on one read of the targets.
+
+        Deleting a target takes its ACLs with it, so with `export` the initiators need no unbinding of their own.
+        """
+        for initiator in initiators:
+            self._check_initiator(initiator)
+        listing = self._targets()
+        target = _named(listing, self.iqn(volume))
+        if target is None:
+            return
+        if export:
+            self._delete(volume, target, listing)
+            return
+        for initiator in dict.fromkeys(initiators):
+            if initiator in target.acls:
+                self._tgtadm("unbind", "target", "-Q", initiator, tid=target.tid, ok=(_NO_ACL, _NO_TARGET))
+                log.info("removed %s from %s", initiator, volume.name)
+
+    def _export(self, volume: VolumeRef, path: str, chap: Chap) -> tuple[ExportInfo, TgtTargetView]:
+        """The export, and the target as it is after it (LUN, the one account, ready; ACLs unchanged)."""
         for what, value in (("CHAP user", chap.username), ("CHAP secret", chap.secret)):
             if not _CHAP_VALUE.match(value):
                 raise BackendError(f"refusing the {what} of {volume.name}: empty or not plain characters")
@@ -150,16 +206,15 @@ class TgtTarget:
                 self._tgtadm("delete", "logicalunit", "--lun", str(LUN), tid=target.tid, ok=(_NO_LUN,))
             self._tgtadm("new", "logicalunit", "--lun", str(LUN), "-b", path, tid=target.tid, ok=(_LUN_EXISTS,))
         self._ensure_account(target, chap, listing)
-        return ExportInfo(
+        info = ExportInfo(
             target_iqn=iqn,
             target_portal=self.portal,
             target_lun=LUN,
             provider_location=f"{self.portal},{target.tid} {iqn} {LUN}",
         )
+        return info, replace(target, state=READY, luns={**target.luns, LUN: path}, accounts=[chap.username])
 
-    def add_initiator(self, volume: VolumeRef, initiator: str) -> None:
-        self._check_initiator(initiator)
-        target = self._find(self.iqn(volume))
+    def _allow(self, volume: VolumeRef, target: TgtTargetView | None, initiator: str) -> None:
         if target is None:
             raise BackendError(f"{volume.name} is not exported")
         if initiator in target.acls:
@@ -170,21 +225,11 @@ class TgtTarget:
         self._tgtadm("bind", "target", "-Q", initiator, tid=target.tid, ok=(_ACL_EXISTS,))
         log.info("allowed %s on %s", initiator, volume.name)
 
-    def remove_initiator(self, volume: VolumeRef, initiator: str) -> None:
-        self._check_initiator(initiator)
-        target = self._find(self.iqn(volume))
-        if target is None or initiator not in target.acls:
-            return
-        self._tgtadm("unbind", "target", "-Q", initiator, tid=target.tid, ok=(_NO_ACL, _NO_TARGET))
-        log.info("removed %s from %s", initiator, volume.name)
-
-    def remove_export(self, volume: VolumeRef) -> None:
-        listing = self._targets()
-        target = _named(listing, self.iqn(volume))
-        if target is None:
-            return
+    def _delete(self, volume: VolumeRef, target: TgtTargetView, listing: Sequence[TgtTargetView]) -> None:
         # the target goes first: its accounts then die unbound, and nothing is ever open without CHAP
         self._tgtadm("delete", "target", "--force", tid=target.tid, ok=(_NO_TARGET,))
+        with self._seen_lock:
+            self._seen.pop(target.iqn, None)
         # the listing from before the delete says which other targets use its accounts (each volume has
         # its own account, and only this volume's operations, which are serialised, change it)
         self._drop_unbound_accounts(target.accounts, target, listing)
@@ -241,33 +286,43 @@ class TgtTarget:
             raise
 
     def _targets(self) -> list[TgtTargetView]:
-        return parse_targets(self._tgtadm("show", "target").stdout)
+        targets = parse_targets(self._tgtadm("show", "target").stdout)
+        with self._seen_lock:
+            self._seen = {t.iqn: t.tid for t in targets}
+        return targets
 
     def _find(self, iqn: str) -> TgtTargetView | None:
         return _named(self._targets(), iqn)
 
-    def _accounts(self) -> set[str]:
-        out = self._tgtadm("show", "account").stdout
-        # "Account list:" then one user per indented line
-        return {line.strip() for line in out.splitlines() if line.startswith((" ", "\t")) and line.strip()}
+    def _new_target(self, iqn: str, tid: int) -> bool:
+        """Create the target; False when tgtd refuses because the tid or the name is taken."""
+        if self._tgtadm("new", "target", "-T", iqn, tid=tid, ok=(_TARGET_EXISTS,)).returncode != 0:
+            return False
+        with self._seen_lock:
+            self._seen[iqn] = tid
+        log.info("created target %s (tid %d)", iqn, tid)
+        return True
 
-    def _ensure_target(self, iqn: str) -> tuple[TgtTargetView, list[TgtTargetView]]:
-        """The volume's target, created if missing, and the listing of the others it was found in."""
+    def _ensure_target(self, iqn: str) -> tuple[TgtTargetView, list[TgtTargetView] | None]:
+        """The volume's target, created if missing, and the listing it was found in (None: created unread)."""
         with self._create_lock:
+            with self._seen_lock:
+                guess = None if iqn in self._seen else _free_tid(self._seen.values())
+            # tgtd refuses a taken tid and a taken name alike, so a target it accepts is new and empty
+            if guess is not None and self._new_target(iqn, guess):
+                return TgtTargetView(tid=guess, iqn=iqn), None
             # a refused tid means another tgtadm user took it between our read and our create
             for _ in range(5):
                 targets = self._targets()
                 found = _named(targets, iqn)
                 if found is not None:
                     return found, targets
-                used = {t.tid for t in targets}
-                tid = next(n for n in range(1, len(used) + 2) if n not in used)
-                if self._tgtadm("new", "target", "-T", iqn, tid=tid, ok=(_TARGET_EXISTS,)).returncode == 0:
-                    log.info("created target %s (tid %d)", iqn, tid)
+                tid = _free_tid(t.tid for t in targets)
+                if self._new_target(iqn, tid):
                     return TgtTargetView(tid=tid, iqn=iqn), targets
         raise BackendError(f"could not find a free target id for {iqn}")
 
-    def _ensure_account(self, target: TgtTargetView, chap: Chap, listing: list[TgtTargetView]) -> None:
+    def _ensure_account(self, target: TgtTargetView, chap: Chap, listing: list[TgtTargetView] | None) -> None:
         """Make `chap` the one account bound to the target, with its secret, and leave the target ready."""
         with self._keys_lock:
             known = self._keys.get(chap.username) == _digest(chap.secret)
@@ -279,13 +334,12 @@ class TgtTarget:
         with self._keys_lock:
             self._keys[chap.username] = _digest(chap.secret)
 
-    def _rebind_account(self, target: TgtTargetView, chap: Chap, listing: list[TgtTargetView]) -> None:
-        """`listing`: the targets as create_export just read them (the account is this volume's alone)."""
+    def _rebind_account(self, target: TgtTargetView, chap: Chap, listing: list[TgtTargetView] | None) -> None:
+        """`listing`: the targets as create_export just read them (the account is this volume's alone), or None
+        for a target it has just made: no account, no ACL, nothing read yet."""
         user = chap.username
-        shared = sorted(t.tid for t in listing if t.tid != target.tid and user in t.accounts)
-        if shared:
-            # deleting it would punch a hole in those targets' account arrays (see the module docstring)
-            raise BackendError(f"CHAP user {user} is also bound to tid {shared}; refusing to change it")
+        if listing is not None:
+            self._refuse_shared(user, target, listing)
         # while no account or the wrong one is bound, nobody may log in; an ACL-less target admits no one anyway
         close = bool(target.acls) and target.state == READY
         if close:
@@ -293,14 +347,40 @@ class TgtTarget:
         # if a step below fails the target stays offline: refusing logins until a retry is the safe side
         for old in reversed(target.accounts):
             self._tgtadm("unbind", "account", "--user", old, tid=target.tid, ok=(_NO_ACCOUNT,))
-        if user in self._accounts():
+        # the secret of an account that exists is unknown (tgtd never shows it and cannot change it): make it again
+        if not self._new_account(chap):
+            if listing is None:
+                listing = self._targets()
+                self._refuse_shared(user, target, listing)
             self._tgtadm("delete", "account", "--user", user, ok=(_NO_ACCOUNT,))
-        self._tgtadm("new", "account", "--user", user, "--password", chap.secret, secrets=[chap.secret])
+            if not self._new_account(chap):
+                raise BackendError(f"CHAP user {user} came back while it was being made again")
         self._tgtadm("bind", "account", "--user", user, tid=target.tid, ok=(_ACCOUNT_EXISTS,))
-        self._drop_unbound_accounts([a for a in target.accounts if a != user], target, listing)
+        self._drop_unbound_accounts([a for a in target.accounts if a != user], target, listing or [])
         if close or target.state != READY:
             self._set_state(target.tid, READY)
         log.info("set CHAP account %s on tid %d", user, target.tid)
+
+    def _new_account(self, chap: Chap) -> bool:
+        """Make the account; False when it exists already."""
+        made = self._tgtadm(
+            "new",
+            "account",
+            "--user",
+            chap.username,
+            "--password",
+            chap.secret,
+            secrets=[chap.secret],
+            ok=(_ACCOUNT_EXISTS,),
+        )
+        return made.returncode == 0
+
+    @staticmethod
+    def _refuse_shared(user: str, target: TgtTargetView, listing: Sequence[TgtTargetView]) -> None:
+        shared = sorted(t.tid for t in listing if t.tid != target.tid and user in t.accounts)
+        if shared:
+            # deleting it would punch a hole in those targets' account arrays (see the module docstring)
+            raise BackendError(f"CHAP user {user} is also bound to tid {shared}; refusing to change it")
 
     def _set_state(self, tid: int, state: str) -> None:
         self._tgtadm("update", "target", "--name", "state", "--value", state, tid=tid)
