@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from app.backends import cmd
-from app.backends.base import BackendError, Chap, ExportState, VolumeRef
+from app.backends.base import BackendError, Backends, Chap, ExportState, VolumeRef
+from app.backends.operations import StorageOps
 from app.backends.targets.tgt import TgtTarget, TgtTargetView, parse_targets
 from app.backends.volumes.file import FileVolumeStore
 from tests.storage.tgtd import IQN_PREFIX, TgtDaemon, readcapacity
@@ -308,6 +309,210 @@ def test_parallel_exports_get_distinct_target_ids(tgt: TgtTarget, file_store: Fi
     assert set(tgt.exports()) == {e.volume.id for e in exported}
     for e in exported:
         assert e.info.provider_location.split(" ")[0].split(",")[1] in {str(t.tid) for t in targets}
+
+
+# -- a node's connect and disconnect: the fewest tgtadm processes, the same end state -----------------------
+
+
+@pytest.fixture
+def tgtadm_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """ "<op> <mode>" of every tgtadm the code under test runs from now on (the real command still runs)."""
+    ops: list[str] = []
+    real_run = cmd.run
+
+    def spy(argv: Sequence[str], **kw: Any) -> cmd.Completed:
+        words = [str(a) for a in argv]
+        if words and words[0] == "tgtadm":
+            ops.append(f"{words[words.index('--op') + 1]} {words[words.index('--mode') + 1]}")
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(cmd, "run", spy)
+    return ops
+
+
+class Node:
+    """One volume on a node's StorageOps (file store + tgt), as the connect and disconnect jobs drive it."""
+
+    def __init__(self, tgt: TgtTarget, store: FileVolumeStore) -> None:
+        self.tgt = tgt
+        self.ops = StorageOps(Backends(volumes=store, target=tgt))
+        self.volume = VolumeRef(id=str(uuid.uuid4()), size_gb=1)
+        store.create(self.volume)
+        self.chap = new_chap()
+
+    def connect(self, initiator: str, tgt: TgtTarget | None = None) -> Exported:
+        ops = self.ops if tgt is None else StorageOps(Backends(volumes=self.ops.backends.volumes, target=tgt))
+        info = ops.connect(self.volume, self.chap, initiator)
+        exported = Exported.__new__(Exported)
+        exported.tgt, exported.volume, exported.chap, exported.info = self.tgt, self.volume, self.chap, info
+        exported.path = self.ops.backends.volumes.path(self.volume)
+        return exported
+
+
+@pytest.fixture
+def node(tgt: TgtTarget, file_store: FileVolumeStore) -> Node:
+    return Node(tgt, file_store)
+
+
+def test_connect_of_a_new_volume_reads_nothing_and_opens_the_acl_last(
+    node: Node, tgtd: TgtDaemon, tgtadm_ops: list[str]
+) -> None:
+    exported = node.connect(A)
+
+    # the ACL comes after the CHAP account is bound: never open without CHAP
+    assert tgtadm_ops == ["new target", "new logicalunit", "new account", "bind account", "bind target"]
+    target = view(tgtd, exported.info.target_iqn)
+    assert target is not None
+    assert (target.luns[1], target.accounts, target.acls, target.state) == (
+        exported.path,
+        [node.chap.username],
+        {A},
+        "ready",
+    )
+    assert exported.info.provider_location == f"{tgtd.portal},{target.tid} {exported.info.target_iqn} 1"
+    exported.assert_admits(A)
+    exported.assert_refuses(B)
+    exported.assert_refuses(A, AUTH_FAILURE, secret="wrong-secret-1234")
+
+
+def test_a_second_connect_reads_the_targets_once(node: Node, tgtd: TgtDaemon, tgtadm_ops: list[str]) -> None:
+    first = node.connect(A)
+    tgtadm_ops.clear()
+
+    second = node.connect(B)
+
+    assert tgtadm_ops == ["show target", "bind target"]
+    assert second.info == first.info
+    second.assert_admits(A)
+    second.assert_admits(B)
+
+
+def test_the_last_disconnect_deletes_the_target_and_its_account(
+    node: Node, tgtd: TgtDaemon, tgtadm_ops: list[str]
+) -> None:
+    exported = node.connect(A)
+    node.connect(B)
+    tgtadm_ops.clear()
+
+    node.ops.disconnect(node.volume, [A, B], export=True)
+
+    # deleting the target takes its ACLs with it
+    assert tgtadm_ops == ["show target", "delete target", "delete account"]
+    assert view(tgtd, exported.info.target_iqn) is None
+    assert node.chap.username not in accounts(tgtd)
+    exported.assert_refuses(A, "Login Failed")
+    tgtadm_ops.clear()
+
+    node.ops.disconnect(node.volume, [A, B], export=True)  # again: nothing left to do
+
+    assert tgtadm_ops == ["show target"]
+
+
+def test_a_disconnect_that_keeps_the_export_unbinds_only_its_initiators(
+    node: Node, tgtd: TgtDaemon, tgtadm_ops: list[str]
+) -> None:
+    exported = node.connect(A)
+    node.connect(B)
+    tgtadm_ops.clear()
+
+    node.ops.disconnect(node.volume, [A, C], export=False)  # C was never allowed: nothing to unbind
+
+    assert tgtadm_ops == ["show target", "unbind target"]
+    exported.assert_refuses(A)
+    exported.assert_admits(B)
+    assert node.tgt.exports()[node.volume.id].initiators == {B}
+
+
+def test_connect_after_a_disconnect_exports_again(node: Node, tgtd: TgtDaemon) -> None:
+    node.connect(A)
+    node.ops.disconnect(node.volume, [A], export=True)
+
+    exported = node.connect(A)
+
+    exported.assert_admits(A)
+    assert accounts(tgtd) == {node.chap.username}
+
+
+def test_connect_when_the_tid_it_tries_is_taken(node: Node, tgtd: TgtDaemon, tgtadm_ops: list[str]) -> None:
+    # a target made behind this process's back holds tid 1, the one a process that has seen nothing tries first
+    foreign = "iqn.2000-01.com.other:disk"
+    assert tgtd.tgtadm("--op", "new", "--mode", "target", "--tid", "1", "-T", foreign).returncode == 0
+
+    exported = node.connect(A)
+
+    assert tgtadm_ops[:3] == ["new target", "show target", "new target"]
+    mine, other = view(tgtd, exported.info.target_iqn), view(tgtd, foreign)
+    assert mine is not None
+    assert other is not None
+    assert (mine.tid, other.tid) == (2, 1)
+    assert (other.luns.get(1), other.accounts, other.acls) == (None, [], set())
+    exported.assert_admits(A)
+
+
+def test_connect_from_a_process_that_has_not_seen_the_target(
+    node: Node, file_store: FileVolumeStore, tgtd: TgtDaemon
+) -> None:
+    # the fresh process's guess is a free tid, so tgtd refuses its `new target` for the name alone
+    for tid, iqn in ((1, "iqn.2000-01.com.other:one"), (2, "iqn.2000-01.com.other:two")):
+        assert tgtd.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", iqn).returncode == 0
+    fresh = TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+    fresh.exports()  # it has seen tids 1 and 2 only
+    exported = node.connect(A)
+    assert tgtd.tgtadm("--op", "delete", "--mode", "target", "--tid", "2").returncode == 0
+
+    again = node.connect(B, tgt=fresh)
+
+    assert again.info == exported.info
+    iqns = [t.iqn for t in parse_targets(tgtd.show())]
+    assert sorted(iqns) == sorted(["iqn.2000-01.com.other:one", exported.info.target_iqn])
+    target = view(tgtd, exported.info.target_iqn)
+    assert target is not None
+    assert (target.tid, target.acls, target.accounts) == (3, {A, B}, [node.chap.username])
+    again.assert_admits(A)
+    again.assert_admits(B)
+
+
+def test_a_leftover_account_is_made_again_for_a_new_target(node: Node, tgtd: TgtDaemon) -> None:
+    # left by a crash between `new account` and the end of a connect: the password it holds is unknown
+    made = tgtd.tgtadm("--op", "new", "--mode", "account", "--user", node.chap.username, "--password", "OldSecret1")
+    assert made.returncode == 0
+
+    exported = node.connect(A)
+
+    exported.assert_admits(A)
+    exported.assert_refuses(A, AUTH_FAILURE, secret="OldSecret1")
+    assert accounts(tgtd) == {node.chap.username}
+
+
+def test_a_leftover_account_bound_elsewhere_is_not_touched(node: Node, tgtd: TgtDaemon) -> None:
+    foreign = "iqn.2000-01.com.other:x"
+    for args in (
+        ("--op", "new", "--mode", "account", "--user", node.chap.username, "--password", "OldSecret1"),
+        ("--op", "new", "--mode", "target", "--tid", "90", "-T", foreign),
+        ("--op", "bind", "--mode", "account", "--tid", "90", "--user", node.chap.username),
+    ):
+        assert tgtd.tgtadm(*args).returncode == 0
+
+    with pytest.raises(BackendError, match="also bound to tid"):
+        node.connect(A)
+
+    other = view(tgtd, foreign)
+    assert other is not None
+    assert other.accounts == [node.chap.username]
+    mine = view(tgtd, node.tgt.iqn(node.volume))
+    assert mine is not None
+    assert (mine.accounts, mine.acls) == ([], set())  # made, but open to no one
+
+
+def test_drop_export_removes_every_acl_and_the_export(node: Node, tgtd: TgtDaemon) -> None:
+    exported = node.connect(A)
+    node.connect(B)
+
+    node.ops.drop_export(node.volume)
+
+    assert view(tgtd, exported.info.target_iqn) is None
+    assert accounts(tgtd) == set()
+    exported.assert_refuses(B, "Login Failed")
 
 
 # -- what exports() reports ----------------------------------------------------------------------------
