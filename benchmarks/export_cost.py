@@ -7,12 +7,17 @@ wrapper around the one command runner (app/backends/cmd.run) adds up the wall ti
 Needs root and the Debian packages tgt and libiscsi-bin.
 
     python -m benchmarks.export_cost --rounds 50
+
+The database defaults to $BENCH_DB (tether_bench), which must be migrated (`tether db upgrade`). After the table
+it prints the tgtadm operations of the last measured attach and detach, in order.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,6 +43,7 @@ class TgtadmClock:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.calls = 0
+        self.ops: list[str] = []  # "<op> <mode>" of each call since the last reset()
         self._run = cmd.run
 
     def install(self) -> None:
@@ -49,12 +55,14 @@ class TgtadmClock:
                 if argv and str(argv[0]).endswith("tgtadm"):
                     self.seconds += time.perf_counter() - started
                     self.calls += 1
+                    words = [str(a) for a in argv]
+                    self.ops.append(f"{words[words.index('--op') + 1]} {words[words.index('--mode') + 1]}")
 
         cmd.run = timed  # type: ignore[assignment]
 
-    def reset(self) -> tuple[float, int]:
-        taken = (self.seconds, self.calls)
-        self.seconds, self.calls = 0.0, 0
+    def reset(self) -> tuple[float, int, list[str]]:
+        taken = (self.seconds, self.calls, self.ops)
+        self.seconds, self.calls, self.ops = 0.0, 0, []
         return taken
 
 
@@ -66,12 +74,15 @@ class Samples:
     total: list[float] = field(default_factory=list)
     tgtadm: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)  # the last round's tgtadm operations
 
     def row(self) -> str:
         total, spent = statistics.median(self.total), statistics.median(self.tgtadm)
+        per_call = statistics.median(t / n for t, n in zip(self.tgtadm, self.calls, strict=True) if n)
         return (
             f"| {self.label} | {1000 * total:.1f} | {1000 * spent:.1f} | {100 * spent / total:.0f}% | "
-            f"{statistics.median(self.calls):.0f} | {1000 * min(self.total):.1f} / {1000 * max(self.total):.1f} |"
+            f"{statistics.median(self.calls):.0f} | {1000 * per_call:.2f} | "
+            f"{1000 * min(self.total):.1f} / {1000 * max(self.total):.1f} |"
         )
 
 
@@ -84,15 +95,16 @@ async def timed(clock: TgtadmClock, samples: Samples | None, call: Awaitable[htt
     if response.status_code != 200:
         what = samples.label if samples else "warm-up"
         raise RuntimeError(f"{what} answered {response.status_code}: {response.text}")
-    spent, calls = clock.reset()
+    spent, calls, ops = clock.reset()
     if samples is not None:
         samples.total.append(elapsed)
         samples.tgtadm.append(spent)
         samples.calls.append(calls)
+        samples.ops = ops
     return response
 
 
-async def main(db: str, rounds: int) -> None:
+async def main(db: str, rounds: int) -> dict[str, dict[str, list[Any]]]:
     work = Path(tempfile.mkdtemp(prefix="tether-export-cost-"))
     daemon = TgtDaemon(log_dir=work)
     daemon.start()
@@ -134,15 +146,22 @@ async def main(db: str, rounds: int) -> None:
     finally:
         daemon.stop()
     print(f"{rounds} rounds, file + tgt, {db.split('+')[0]}")
-    print("| operation | median ms | tgtadm median ms | tgtadm share | tgtadm calls | min / max ms |")
-    print("|---|---|---|---|---|---|")
+    print("| operation | median ms | tgtadm median ms | tgtadm share | tgtadm calls | ms per call | min / max ms |")
+    print("|---|---|---|---|---|---|---|")
     print(attach.row())
     print(detach.row())
+    for samples in (attach, detach):
+        print(f"{samples.label.split()[0]}: {', '.join(samples.ops)}")
+    return {s.label.split()[0]: {"total": s.total, "tgtadm": s.tgtadm, "calls": s.calls} for s in (attach, detach)}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", default="postgresql+asyncpg://postgres@127.0.0.1:5432/tether_bench")
+    default_db = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{os.environ.get('BENCH_DB', 'tether_bench')}"
+    parser.add_argument("--db", default=default_db)
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--raw", type=Path, help="also write every round's numbers to this JSON file")
     args = parser.parse_args()
-    asyncio.run(main(args.db, args.rounds))
+    kept = asyncio.run(main(args.db, args.rounds))
+    if args.raw is not None:
+        args.raw.write_text(json.dumps(kept))
