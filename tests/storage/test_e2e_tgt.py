@@ -448,7 +448,8 @@ def test_the_chap_secret_never_reaches_the_server_log(launch: Callable[..., Stac
     ]
     assert any("--op new --mode account" in c and c.endswith("--password ***") for c in commands), commands
     assert any("--op bind --mode target" in c and c.endswith(f"-Q {A}") for c in commands), commands
-    assert any("--op unbind --mode target" in c and c.endswith(f"-Q {A}") for c in commands), commands
+    # the last detach deletes the target, its ACLs with it
+    assert any("--op delete --mode target --tid" in c and c.endswith("--force") for c in commands), commands
 
 
 # -- 6. timing (reported, not asserted) -------------------------------------------------------------------------
