@@ -2,6 +2,8 @@
 # Before/after in one run: the attach cycle against the code of an earlier commit and of the working tree,
 # alternately (two rounds each), with the same driver, database and machine. Prints one JSON line per run.
 #   [WORKERS=2] [BENCH_PORT=… BENCH_DB=…] benchmarks/compare.sh <commit> [clients…]   e.g. benchmarks/compare.sh ce8a2fb 1 8 32
+# ROUND_TRIPS=1 also counts both codes' database round trips per attach cycle (benchmarks/round_trips.py, through a
+# proxy on BENCH_PORT+1), one JSON line each, after the timed runs.
 # The earlier code runs from a temporary git worktree with this checkout's .venv; nothing is installed.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -35,3 +37,8 @@ for round in 1 2; do
     run_code "before($COMMIT) round=$round" "$OLD"
     run_code "after($(git rev-parse --short HEAD)$(git diff --quiet || echo +changes)) round=$round" "$ROOT"
 done
+if [ -n "${ROUND_TRIPS:-}" ]; then
+    for dir in "$OLD" "$ROOT"; do
+        "$PY" -m benchmarks.round_trips --brief --tree "$dir" --workers "${WORKERS:-1}"
+    done
+fi

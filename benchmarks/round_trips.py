@@ -16,7 +16,7 @@ read between requests (after the server has been quiet on the wire for --quiet s
 an answer is not put on the next request). A periodic task can land in a request's window: the medians per
 request are the numbers to trust; the mean per cycle is also shown with the idle rate subtracted.
 
-    python -m benchmarks.round_trips [--workers 2] [--cycles 50] [--tree /tmp/old-checkout]
+    python -m benchmarks.round_trips [--workers 2] [--cycles 50] [--tree /tmp/old-checkout] [--brief]
 
 --tree runs the server (and the migrations) of another checkout (a git worktree) with this venv, so before and
 after can be compared. TLS: the proxy answers PostgreSQL's SSLRequest with "no" itself, so asyncpg (which
@@ -57,8 +57,9 @@ KINDS = ("create", "complete", "delete")
 class RoundTrip:
     at: float
     connection: int
-    how: str  # "query" (simple protocol), "execute" (Bind ... Sync), "prepare" (Parse/Describe ... Sync), "sync"
+    how: str  # "query" (simple protocol), "execute" (Bind, Execute), "prepare" (Parse, Describe), "close", "sync"
     statements: list[str]
+    ends: str = "Q"  # the message that ended it: Q (a simple query), S (Sync) or H (Flush)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class _ClientSide:
     prepared: dict[str, str] = field(default_factory=dict)
     parsed: list[str] = field(default_factory=list)  # Parse messages since the last Sync
     bound: list[str] = field(default_factory=list)  # the statements bound since the last Sync
+    closed: list[str] = field(default_factory=list)  # the prepared statements closed since the last Sync
 
 
 class Proxy:
@@ -77,6 +79,7 @@ class Proxy:
         self.listen = listen
         self.upstream = upstream
         self.trips: list[RoundTrip] = []
+        self.ready = 0  # the server's ReadyForQuery messages
         self.connections = 0  # opened so far (each also costs the startup's round trips, not counted)
         self._server: asyncio.Server | None = None
 
@@ -120,11 +123,20 @@ class Proxy:
                 await back
             writer.close()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The server's side, forwarded as it comes; its ReadyForQuery messages counted (a check: one ends each
+        round trip, and each connection's startup)."""
+        pending = b""
         try:
             while data := await reader.read(65536):
                 writer.write(data)
+                pending += data
+                while len(pending) >= 5:
+                    length = struct.unpack("!i", pending[1:5])[0]
+                    if len(pending) < 1 + length:
+                        break
+                    self.ready += pending[:1] == b"Z"
+                    pending = pending[1 + length :]
                 await writer.drain()
         except OSError:
             pass
@@ -156,16 +168,21 @@ class Proxy:
             statement = _cstring(body, at)[0]
             side.bound.append(side.prepared.get(statement, f"<statement {statement!r}, prepared before counting>"))
         elif kind == b"C" and body[:1] == b"S":  # Close of a prepared statement (asyncpg's cache evicting it)
-            side.prepared.pop(_cstring(body, 1)[0], None)
-        elif kind == b"S":
+            side.closed.append(side.prepared.pop(_cstring(body, 1)[0], "?"))
+        elif kind == b"S" or (kind == b"H" and (side.bound or side.parsed)):
+            # a Sync ends an exchange (ReadyForQuery follows); a Flush after messages asks for their answers
+            # now, and the client waits for them: asyncpg prepares with Parse, Describe, Flush
             if side.bound:
                 trip = RoundTrip(time.perf_counter(), number, "execute", side.bound)
             elif side.parsed:
                 trip = RoundTrip(time.perf_counter(), number, "prepare", side.parsed)
+            elif side.closed:
+                trip = RoundTrip(time.perf_counter(), number, "close", side.closed)
             else:
                 trip = RoundTrip(time.perf_counter(), number, "sync", [])
+            trip.ends = kind.decode()
             self.trips.append(trip)
-            side.parsed, side.bound = [], []
+            side.parsed, side.bound, side.closed = [], [], []
 
     async def quiet(self, seconds: float, limit: float = 1.0) -> None:
         """Returns once no round trip has started for `seconds` (at most after `limit`)."""
@@ -194,7 +211,7 @@ def short(sql: str, width: int = 110) -> str:
 
 def label(trip: RoundTrip) -> str:
     statements = " + ".join(short(s) for s in trip.statements) or "(bare Sync)"
-    return f"prepare: {statements}" if trip.how == "prepare" else statements
+    return f"{trip.how}: {statements}" if trip.how in ("prepare", "close") else statements
 
 
 def transaction_word(trip: RoundTrip) -> str | None:
@@ -302,6 +319,9 @@ async def cycles(args: argparse.Namespace, proxy: Proxy, tree: Path) -> dict[str
 
     for _ in range(args.warmup):
         await cycle()
+        await client.close()  # the next cycle's connection may land on another worker: warm both up
+    # the first cycle on a fresh server: its connections' first statements are prepared (and typed) first
+    cold = {kind: len(values[0][0]) for kind, values in windows.items() if values}
     idle_trips, idle_time = await idle()
     for values in windows.values():
         values.clear()
@@ -309,11 +329,26 @@ async def cycles(args: argparse.Namespace, proxy: Proxy, tree: Path) -> dict[str
     for _ in range(args.cycles):
         await cycle()
     opened = proxy.connections - opened
+    first_new = proxy.connections - opened + 1
     after_trips, after_time = await idle()
     await client.close()
     idle_trips += after_trips
     idle_time += after_time
-    return {**report(args, tree, windows, idle_trips, idle_time), "database_connections_opened_while_cycling": opened}
+    await proxy.quiet(args.quiet)
+    # every round trip counted but the Flushes, and every connection's startup, ended in one ReadyForQuery
+    flushes = sum(1 for t in proxy.trips if t.ends == "H")
+    check = {
+        "round_trips_counted": len(proxy.trips),
+        "of_them_ended_by_flush": flushes,
+        "connections": proxy.connections,
+        "server_ready_for_query": proxy.ready,
+        "agrees": proxy.ready == len(proxy.trips) - flushes + proxy.connections,
+    }
+    result = report(args, tree, windows, idle_trips, idle_time)
+    # a connection opened while cycling (a pool growing, a worker's first use): what it was used for
+    new = {n: [label(t) for t in proxy.trips if t.connection == n][:6] for n in range(first_new, first_new + opened)}
+    extra = {"first_cycle_cold": cold, "database_connections_opened_while_cycling": new, "whole_run_check": check}
+    return {**result, **extra}
 
 
 def report(
@@ -387,11 +422,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="API processes (`tether serve --workers`)")
     parser.add_argument("--cycles", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5, help="cycles before counting (pool connections, prepares)")
+    parser.add_argument("--warmup", type=int, default=10, help="cycles before counting (pool connections, prepares)")
     parser.add_argument("--idle-seconds", type=float, default=6, help="idle measurement before and after the cycles")
     parser.add_argument("--quiet", type=float, default=0.03, help="seconds without a round trip that end a window")
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("BENCH_PROXY_PORT", PORT + 1)))
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose server runs (default: this one)")
+    parser.add_argument("--brief", action="store_true", help="one JSON line: the totals and the medians only")
     args = parser.parse_args()
     tree = args.tree.resolve()
     if not (tree / "app" / "cli.py").exists():
@@ -403,7 +439,14 @@ def main() -> None:
     except Exception:
         print(f"the server's log ({log}):\n{log.read_text()[-3000:] if log.exists() else ''}", file=sys.stderr)
         raise
-    print(json.dumps(result, indent=1, ensure_ascii=False))
+    if args.brief:
+        per_request = result["per_request"]
+        assert isinstance(per_request, dict)
+        medians = {kind: numbers["median"] for kind, numbers in per_request.items()}
+        brief = {k: result[k] for k in ("code", "workers", "cycles", "round_trips_per_cycle")}
+        print(json.dumps({**brief, "request_medians": medians, "check": result["whole_run_check"]}))
+    else:
+        print(json.dumps(result, indent=1, ensure_ascii=False))
 
 
 if __name__ == "__main__":
