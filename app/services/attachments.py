@@ -36,6 +36,7 @@ from app.errors import (
 )
 from app.logs import bind
 from app.secrets import SecretBox, SecretKeyError
+from app.services import one_trip
 from app.services.connections import (
     build_connection_info,
     chap_of,
@@ -127,6 +128,7 @@ class Claim:
 
 
 Claimer = Callable[[AsyncSession], Awaitable[Claim]]
+QuickClaimer = Callable[[AsyncSession], Awaitable[Claim | None]]
 
 
 async def shielded(work: Callable[[], Awaitable[T]]) -> T:
@@ -150,6 +152,8 @@ class AttachmentService:
         # lock a delete or an update needs is known without a query; a stale entry (deleted elsewhere) only
         # leads to the locked re-read finding nothing, which is the 404 it would have been anyway
         self._owners: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        # PostgreSQL runs the attach cycle's hot transitions as single statements (app/services/one_trip.py)
+        self.one_trip = not db.is_sqlite
 
     def _remember(self, attachment_id: str, volume_id: str, project_id: str) -> None:
         """Called once the attachment's row is committed: a rolled-back one is never remembered."""
@@ -372,7 +376,14 @@ class AttachmentService:
             claimed.undo = undo_with_key
             return claimed
 
-        return await self.connect_exclusive(volume_id, claim, checked, idempotency=idempotency)
+        quick: QuickClaimer | None = None
+        if idempotency is None and self.one_trip and self.nodes.embedded:
+            # one autocommitted statement; the embedded node's job needs no transaction to ride in
+
+            async def quick(session: AsyncSession) -> Claim | None:
+                return await self.claim_at_once(session, ctx, volume_id, instance_uuid, mode, checked)
+
+        return await self.connect_exclusive(volume_id, claim, checked, idempotency=idempotency, quick=quick)
 
     # -- connect --------------------------------------------------------------------------------
 
@@ -392,10 +403,11 @@ class AttachmentService:
         connector: dict[str, Any],
         *,
         idempotency: Answer[AttachmentRecord] | None = None,
+        quick: QuickClaimer | None = None,
     ) -> AttachmentRecord:
         async def work() -> AttachmentRecord:
             async with self.nodes.exclusive(volume_id) as run:
-                return await self.connect_claimed(claim, connector, run, idempotency=idempotency)
+                return await self.connect_claimed(claim, connector, run, idempotency=idempotency, quick=quick)
 
         return await shielded(work)
 
@@ -421,6 +433,10 @@ class AttachmentService:
         legacy: bool = False,
     ) -> Claim:
         """Reserve and connect in one transaction: a refusal (400, 409) rolls both back; the undo removes it."""
+        if self.one_trip and not legacy:
+            at_once = await self.claim_at_once(session, ctx, volume_id, instance_uuid, mode, connector)
+            if at_once is not None:
+                return at_once
         attachment, volume = await self._reserve(
             session, ctx, volume_id, instance_uuid, mode, insert=False, legacy=legacy, connecting=True
         )
@@ -435,12 +451,56 @@ class AttachmentService:
         await session.execute(INSERT_ATTACHMENT, columns_of(attachment))
         await store_connector(session, attachment.id, connector, fresh=True)
 
-        async def undo(session: AsyncSession) -> None:
-            await session.execute(DELETE_ATTACHMENT, {"attachment_id": attachment.id})
-            self.forget(attachment.id)
-            await recompute_volume(session, volume.id)
+        return Claim(attachment, volume, chap, attachment.attach_mode, self._remover(attachment.id, volume.id))
 
-        return Claim(attachment, volume, chap, attachment.attach_mode, undo)
+    def _remover(self, attachment_id: str, volume_id: str) -> Undo:
+        """The undo of a new attachment's claim."""
+
+        async def undo(session: AsyncSession) -> None:
+            await session.execute(DELETE_ATTACHMENT, {"attachment_id": attachment_id})
+            self.forget(attachment_id)
+            await recompute_volume(session, volume_id)
+
+        return undo
+
+    async def claim_at_once(
+        self,
+        session: AsyncSession,
+        ctx: Context,
+        volume_id: str,
+        instance_uuid: str | None,
+        mode: str | None,
+        connector: Mapping[str, Any],
+    ) -> Claim | None:
+        """claim_new's common case as one statement (PostgreSQL): an available volume (or a multiattach one that
+        may take another attachment) claimed, the attachment inserted connecting, its connector stored. None: the
+        claim did not apply and nothing changed; claim_new's transaction tells a busy volume from a missing one."""
+        now = utcnow()
+        attachment = Attachment(
+            volume_id=volume_id,
+            project_id="",  # the volume's, filled in by the statement
+            instance_uuid=instance_uuid,
+            attach_status=AttachStatus.ATTACHING,
+            attach_mode=mode or "null",
+            attach_time=now,
+            updated_at=now,
+            attached_host=connector.get("host"),
+            mountpoint=connector.get("mountpoint"),
+        )
+        attachment.attach_mode = effective_mode(attachment)
+        volume = await one_trip.claim_and_insert(
+            session,
+            scoped=not ctx.all_projects,
+            caller=ctx.project_id,
+            attachment=attachment,
+            auth=provider_auth(new_chap(), self.secrets),  # kept only on the volume's first connect
+            connector=connector,
+        )
+        if volume is None:
+            return None
+        chap = chap_of(volume, self.secrets)
+        assert chap is not None  # the statement stores one when the volume has none
+        return Claim(attachment, volume, chap, attachment.attach_mode, self._remover(attachment.id, volume.id))
 
     async def claim_existing(
         self, session: AsyncSession, ctx: Context, attachment_id: str, connector: Mapping[str, Any], *, legacy: bool
@@ -511,17 +571,26 @@ class AttachmentService:
         run: NodeRunner,
         *,
         idempotency: Answer[AttachmentRecord] | None = None,
+        quick: QuickClaimer | None = None,
     ) -> AttachmentRecord:
         """The one connect sequence (call under the volume's lock): claim, export and ACL, record.
 
         The node's connect job is part of the claim's transaction (no claim without its job); a node that is
         down is a 503 that rolls the claim back. `idempotency`: the claim took the request's key; the record
-        stores its answer, in one transaction.
+        stores its answer, in one transaction. `quick`: a claim that is one statement and needs no transaction,
+        tried first; when it does not apply (None) the full claim runs.
         """
         initiator = str(connector["initiator"])
-        async with self.db.write() as session:
-            claimed = await claim(session)
-            pending = await run.defer(session, "connect", volume_ref(claimed.volume), claimed.chap, initiator)
+        claimed: Claim | None = None
+        if quick is not None:
+            async with self.db.autocommit() as session:
+                claimed = await quick(session)
+                if claimed is not None:
+                    pending = await run.defer(session, "connect", volume_ref(claimed.volume), claimed.chap, initiator)
+        if claimed is None:
+            async with self.db.write() as session:
+                claimed = await claim(session)
+                pending = await run.defer(session, "connect", volume_ref(claimed.volume), claimed.chap, initiator)
         attachment, volume, chap = claimed.attachment, claimed.volume, claimed.chap
         bind(attachment_id=attachment.id)
         self._remember(attachment.id, volume.id, volume.project_id)
@@ -583,6 +652,18 @@ class AttachmentService:
     # -- complete -------------------------------------------------------------------------------
 
     async def complete(self, ctx: Context, attachment_id: str) -> None:
+        if self.one_trip:
+            async with self.db.autocommit() as session:
+                completed = await one_trip.complete(
+                    session, attachment_id, everyone=ctx.all_projects, caller=ctx.project_id, now=utcnow()
+                )
+                if completed is None:
+                    raise AttachmentNotFound(attachment_id)
+                if not completed:
+                    self._not_completed(
+                        attachment_id, await session.scalar(STATUS_OF, {"attachment_id": attachment_id})
+                    )
+            return
         async with self.db.write() as session:
             owner = (await session.execute(LOCK_VOLUME_OF, {"attachment_id": attachment_id})).first()
             if owner is None or not ctx.sees(owner.project_id):
@@ -590,14 +671,17 @@ class AttachmentService:
             done = await session.execute(COMPLETE, {"attachment_id": attachment_id, "now": utcnow()})
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 # read again: a delete may have committed while we waited for the volume's lock
-                status = await session.scalar(STATUS_OF, {"attachment_id": attachment_id})
-                if status is None:
-                    raise AttachmentNotFound(attachment_id)
-                raise InvalidAttachment(
-                    f"Attachment {attachment_id} status must be attaching or attached to complete, "
-                    f"but the current status is {status}."
-                )
+                self._not_completed(attachment_id, await session.scalar(STATUS_OF, {"attachment_id": attachment_id}))
             await recompute_volume(session, owner.volume_id)
+
+    @staticmethod
+    def _not_completed(attachment_id: str, status: str | None) -> None:
+        if status is None:
+            raise AttachmentNotFound(attachment_id)
+        raise InvalidAttachment(
+            f"Attachment {attachment_id} status must be attaching or attached to complete, "
+            f"but the current status is {status}."
+        )
 
     # -- remove ---------------------------------------------------------------------------------
 
@@ -642,6 +726,11 @@ class AttachmentService:
                         .values(attach_status=AttachStatus.ERROR_DETACHING, updated_at=utcnow())
                     )
                 raise BackendFailure(f"Unable to disconnect volume {volume_id}: the storage backend failed.") from None
+        if self.one_trip:
+            async with self.db.autocommit() as session:
+                left = await one_trip.remove(session, volume_id, attachment_id, utcnow())
+            self.forget(attachment_id)
+            return left
         async with self.db.write() as session:
             await lock_volume(session, volume_id)
             await session.execute(DELETE_ATTACHMENT, {"attachment_id": attachment_id})

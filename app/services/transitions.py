@@ -86,13 +86,9 @@ _SET_ATTACHING = (
 )
 
 
-@functools.cache
-def claim_volume(*, legacy: bool, scoped: bool) -> Any:
-    """The reservation: load the volume and compare-and-swap its status in one statement (RETURNING the row).
-
-    A multiattach volume may be reserved while in use (and, on the new face, while reserved); any other only
-    when available. `scoped`: only the caller's project's volume (everyone but admins).
-    """
+def claim_conditions(*, legacy: bool, scoped: bool) -> list[ColumnElement[bool]]:
+    """Which volume a reservation may claim: a multiattach volume while in use (and, on the new face, while
+    reserved), any other only when available. `scoped`: only the caller's project's volume (everyone but admins)."""
     multiattach: tuple[str, ...] = (VolumeStatus.AVAILABLE, VolumeStatus.IN_USE)
     if not legacy:
         multiattach += (VolumeStatus.RESERVED,)
@@ -105,9 +101,15 @@ def claim_volume(*, legacy: bool, scoped: bool) -> Any:
     ]
     if scoped:
         conditions.append(V.c.project_id == bindparam("caller_project"))
+    return conditions
+
+
+@functools.cache
+def claim_volume(*, legacy: bool, scoped: bool) -> Any:
+    """The reservation: load the volume and compare-and-swap its status in one statement (RETURNING the row)."""
     claim = (
         update(V)
-        .where(*conditions)
+        .where(*claim_conditions(legacy=legacy, scoped=scoped))
         .values(status=bindparam("to_status"), attach_status=bindparam("to_attach_status"), updated_at=bindparam("now"))
         .returning(*V.c)
     )
