@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import select
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,21 +26,16 @@ from app.config import Settings
 from app.db.engine import Database
 from app.db.locks import cross_process_locks
 from app.db.models import utcnow
-from app.errors import DatabaseUnavailable
 from app.logs import begin_request, bind, end_request
 from app.metrics import Metrics
-from app.queue import EXPIRED, TASK, Codec, queue_of, record_outcome
+from app.queue import CHANNEL, EXPIRED, RECORD_AND_WAKE, RESULT_TTL, TASK, WAKE, Codec, queue_of, record_outcome
 from app.secrets import SecretBox
 from app.services.nodes import SEQUENCES, LocalNode, Nodes, node_row
 from app.services.reconcile import Reconciler
 from app.services.work import every
 
 log = logging.getLogger("tether.node")
-# after a job ends: wake this node's worker (procrastinate's own channel and message) when a job is waiting
-_WAKE = (
-    "SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
-    " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
-)
+# procrastinate's own message on its queue's channel (what a defer sends): the worker fetches when it hears it
 _INSERTED = json.dumps({"type": "job_inserted"})
 
 GIB = 1024**3
@@ -78,20 +74,31 @@ def local_storage(settings: Settings, db: Database, dispatcher: Dispatcher, secr
 
 
 def job_pool(**options: Any) -> Any:
-    """procrastinate's connection pool, whose check of a connection it hands out also looks at every idle one
-    when that connection turns out dead.
+    """procrastinate's connection pool: autocommit connections, checked on handout only when the server has
+    sent something since their last use, and every idle one checked at once when one turns out dead.
 
-    psycopg_pool checks the connection a getconn takes (procrastinate asks for it) and, when it is dead, waits
-    before taking the next one, 1, 2, 4, 8 s: after a PostgreSQL restart each of the pool's dead connections
-    cost the node's job worker its turn, and no job ran for 7 to 15 s (callers with a short
-    TETHER_NODE_TIMEOUT answered 503). One dead connection mostly means all of them are: they are checked (and
-    replaced) together at once, and the next one the getconn takes, a second later, is a new one."""
+    Autocommit: each of procrastinate's queries is one statement (a function call), so the COMMIT psycopg
+    sends after it when the pool's connection context ends is a round trip that does nothing; a job's fetch,
+    done-marking and outcome are one round trip each. The check: psycopg_pool's own sends an empty query on
+    every getconn, a round trip per query (17.5% of the node's CPU per job). A connection the server closed
+    (a PostgreSQL restart or a terminated backend) has the server's goodbye (or the socket's end) waiting to
+    be read, so a connection with nothing to read is handed out unchecked and one with something is checked
+    as before; a connection the network lost without a word fails its query instead, and the pool replaces
+    it when it comes back broken.
+
+    psycopg_pool, when the connection a getconn takes is dead, waits before taking the next one, 1, 2, 4,
+    8 s: after a PostgreSQL restart each of the pool's dead connections cost the node's job worker its turn,
+    and no job ran for 7 to 15 s (callers with a short TETHER_NODE_TIMEOUT answered 503). One dead connection
+    mostly means all of them are: they are checked (and replaced) together at once, and the next one the
+    getconn takes, a second later, is a new one."""
     import psycopg_pool
 
     made: list[psycopg_pool.AsyncConnectionPool] = []
     checks: set[asyncio.Task[None]] = set()
 
     async def check(connection: Any) -> None:
+        if not connection.closed and not select.select([connection.fileno()], [], [], 0)[0]:
+            return  # nothing arrived since its last use: alive as far as the socket can tell
         try:
             await psycopg_pool.AsyncConnectionPool.check_connection(connection)
         except Exception:
@@ -101,7 +108,10 @@ def job_pool(**options: Any) -> Any:
                 task.add_done_callback(checks.discard)
             raise
 
-    pool = psycopg_pool.AsyncConnectionPool(**{**options, "check": check})
+    async def configure(connection: Any) -> None:
+        await connection.set_autocommit(True)
+
+    pool = psycopg_pool.AsyncConnectionPool(**{**options, "check": check, "configure": configure})
     made.append(pool)
     return pool
 
@@ -213,6 +223,8 @@ class NodeAgent:
                 for task in tasks:
                     with contextlib.suppress(BaseException):
                         await task
+                if self._wakes:  # the outcomes of the jobs that ended last, for callers still waiting
+                    await asyncio.wait(set(self._wakes), timeout=SETTLE_AFTER)
                 if locks is not None:
                     await locks.close()
                 await db.dispose()
@@ -290,9 +302,12 @@ class NodeAgent:
         op = str(job.get("op"))
         tokens = begin_request(str(job.get("request_id") or "-"))
         bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
+        # the outcome for the job's caller, recorded once procrastinate has recorded the job's end (and freed its
+        # lock), which it does in this task after us
+        told: list[tuple[bool, Any, float]] = []
         this = asyncio.current_task()
-        if this is not None:  # procrastinate records the job's end, and frees its lock, in this task after us
-            this.add_done_callback(lambda _task: self._job_ended(context.app))
+        if this is not None:
+            this.add_done_callback(lambda _task: self._job_ended(context.app, job_id, told))
         started = time.perf_counter()
         deadline = job.get("deadline")
         cancelled = False
@@ -305,7 +320,9 @@ class NodeAgent:
                 ok, result = await self._execute(op, job.get("args") or [])
             self.metrics.observe_job(self.settings.node_name, op, time.perf_counter() - started, not ok)
             if deadline is not None:  # somebody waits for it (or did)
-                await self._answer(job_id, ok, result, float(deadline))
+                told.append((ok, result, float(deadline)))
+                if this is None:
+                    await self._answer(context.app, job_id, *told[0])
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -316,21 +333,55 @@ class NodeAgent:
                     self._finished.popitem(last=False)
             end_request(tokens)
 
-    async def _answer(self, job_id: int, ok: bool, result: Any, deadline: float) -> None:
-        """The outcome for the job's caller, recorded also across a database restart: tried again until the
-        caller's deadline has passed (the storage work is done; only telling it was interrupted)."""
+    def _job_ended(self, app: Any, job_id: int, told: list[tuple[bool, Any, float]]) -> None:
+        """A job is over, its end recorded (its volume's lock free): its outcome for its caller, and a wake-up for
+        the worker when a job of this queue is waiting, in one statement. A waiting job was skipped while this
+        one held its volume's lock, or deferred while a fetch was finding nothing, whose end dropped the
+        notification; nothing else wakes the worker before its poll (FETCH_POLL)."""
+        end = asyncio.get_running_loop().create_task(self._answer(app, job_id, *told[0]) if told else self._wake(app))
+        self._wakes.add(end)
+        end.add_done_callback(self._wakes.discard)
+
+    def _wake_args(self) -> dict[str, str]:
+        from procrastinate.manager import get_channel_for_queues
+
+        queue = queue_of(self.settings.node_name)
+        (channel,) = get_channel_for_queues([queue])
+        return {"channel": channel, "message": _INSERTED, "queue": queue}
+
+    async def _answer(self, app: Any, job_id: int, ok: bool, result: Any, deadline: float) -> None:
+        """The outcome for the job's caller (and the worker's wake-up), recorded also across a database restart:
+        tried again until the caller's deadline has passed (the storage work is done; only telling it was
+        interrupted)."""
+        from procrastinate.exceptions import ConnectorException
+
+        args = {
+            "job_id": job_id,
+            "ok": ok,
+            "result": json.dumps(result),
+            "done": CHANNEL,
+            "prune": job_id % 100 == 0,
+            "ttl": RESULT_TTL,
+            **self._wake_args(),
+        }
         delay = 0.1
         while True:
             try:
-                async with self.db.autocommit() as session:
-                    await record_outcome(session, job_id, ok, result, prune=job_id % 100 == 0)
+                await app.connector.execute_query_async(RECORD_AND_WAKE, **args)
                 return
-            except DatabaseUnavailable as error:
+            except ConnectorException as error:
                 if time.time() > deadline:
-                    raise
+                    log.error("recording the outcome of job %s failed past its deadline: %s", job_id, error.__cause__)
+                    return
                 log.warning("recording the outcome of job %s failed (%s); trying again", job_id, error.__cause__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def _wake(self, app: Any) -> None:
+        try:
+            await app.connector.execute_query_async(WAKE, **self._wake_args())
+        except Exception as error:  # the poll finds the job anyway
+            log.debug("waking the job worker failed: %s", error)
 
     async def _execute(self, op: str, raw: list[Any]) -> tuple[bool, Any]:
         if op not in NAMES and op not in SEQUENCES:
@@ -347,22 +398,3 @@ class NodeAgent:
         except Exception as error:  # a job never dies unanswered: its caller would wait for the deadline
             log.exception("%s failed", op)
             return False, f"{type(error).__name__} on the node"
-
-    def _job_ended(self, app: Any) -> None:
-        """A job is over, its end recorded: let the worker fetch again now. A job of the same volume deferred while
-        this one ran was skipped (the lock; the API defers a volume's next job as soon as it has the outcome,
-        which is recorded before the end), and a notification that came while the worker's fetch was finding
-        nothing was dropped with it; nothing else wakes the worker before its poll (FETCH_POLL)."""
-        wake = asyncio.get_running_loop().create_task(self._wake(app))
-        self._wakes.add(wake)
-        wake.add_done_callback(self._wakes.discard)
-
-    async def _wake(self, app: Any) -> None:
-        from procrastinate.manager import get_channel_for_queues
-
-        queue = queue_of(self.settings.node_name)
-        (channel,) = get_channel_for_queues([queue])
-        try:
-            await app.connector.execute_query_async(_WAKE, channel=channel, message=_INSERTED, queue=queue)
-        except Exception as error:  # the poll finds the job anyway
-            log.debug("waking the job worker failed: %s", error)

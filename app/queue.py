@@ -249,6 +249,26 @@ _RECORD = text(
     " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id)"
     " SELECT pg_notify(:channel, CAST(job_id AS text)) FROM recorded"
 )
+# the node's own statement for the end of a job somebody waits for, run once procrastinate has marked the job
+# done (so the caller's next job of the volume finds the volume's lock free): the outcome and its notification,
+# procrastinate's job_inserted notification on the node's queue when a job of it is waiting (one skipped while
+# the lock was held, or deferred while a fetch found nothing), and, when `prune`, the results nobody read. One
+# round trip, on procrastinate's psycopg connections (psycopg's parameter style).
+RECORD_AND_WAKE = (
+    "WITH recorded AS (INSERT INTO node_job_results (job_id, ok, result, created_at)"
+    " VALUES (%(job_id)s, %(ok)s, %(result)s, now())"
+    " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id),"
+    " pruned AS (DELETE FROM node_job_results"
+    " WHERE %(prune)s AND created_at < now() - make_interval(secs => %(ttl)s))"
+    " SELECT pg_notify(%(done)s, CAST(job_id AS text)) FROM recorded"
+    " UNION ALL SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
+    " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
+)
+# the same wake-up alone, after a job nobody waits for
+WAKE = (
+    "SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
+    " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
+)
 _PRUNE = text("DELETE FROM node_job_results WHERE created_at < now() - make_interval(secs => :ttl)")
 
 
