@@ -2,10 +2,12 @@
 
 A small TCP proxy in this process sits between `tether serve` and PostgreSQL and reads what the server sends
 (the PostgreSQL protocol, client side). A round trip is one message the server must wait for an answer to:
-each simple query ('Q': BEGIN, COMMIT, a statement without parameters) and each Sync ('S') that ends an
+each simple query ('Q': BEGIN, COMMIT, a statement without parameters), each Sync ('S') that ends an
 extended-protocol exchange (Parse/Bind/Execute...: asyncpg's prepared statements, the advisory lock's
-pg_try_advisory_lock). The SQL of every Parse and Query is kept, and each Bind is named by the statement it
-executes (asyncpg prepares once per connection), so the report lists what a cycle sends.
+pg_try_advisory_lock), and each Flush ('H') after Parse/Describe (asyncpg prepares a statement so, once per
+connection; the count is checked against the server's ReadyForQuery messages, which follow all but those).
+The SQL of every Parse and Query is kept, and each Bind is named by the statement it executes (prepared
+earlier on that connection), so the report lists what a cycle sends.
 
 What it runs: a fresh database (BENCH_DB), `tether serve --workers N` (BENCH_PORT, embedded node, fake
 backend) whose TETHER_DATABASE_URL points at the proxy (127.0.0.1:--proxy-port -> 127.0.0.1:5432), volumes
