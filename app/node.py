@@ -28,7 +28,18 @@ from app.db.locks import cross_process_locks
 from app.db.models import utcnow
 from app.logs import begin_request, bind, end_request
 from app.metrics import Metrics
-from app.queue import CHANNEL, EXPIRED, RECORD_AND_WAKE, RESULT_TTL, TASK, WAKE, Codec, queue_of, record_outcome
+from app.queue import (
+    CHANNEL,
+    EXPIRED,
+    RECORD_AND_WAKE,
+    RESULT_TTL,
+    TASK,
+    WAKE,
+    Codec,
+    notification,
+    queue_of,
+    record_outcome,
+)
 from app.secrets import SecretBox
 from app.services.nodes import SEQUENCES, LocalNode, Nodes, node_row
 from app.services.reconcile import Reconciler
@@ -355,11 +366,13 @@ class NodeAgent:
         interrupted)."""
         from procrastinate.exceptions import ConnectorException
 
+        encoded = json.dumps(result)
         args = {
             "job_id": job_id,
             "ok": ok,
-            "result": json.dumps(result),
+            "result": encoded,
             "done": CHANNEL,
+            "payload": notification(job_id, ok, encoded),
             "prune": job_id % 100 == 0,
             "ttl": RESULT_TTL,
             **self._wake_args(),

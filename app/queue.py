@@ -4,8 +4,9 @@ A job is one named operation (app/backends/operations.py, or a node-side sequenc
 JSON arguments, on the queue `node.<name>`, with the volume's id as procrastinate's `lock`, so one volume's jobs
 run one at a time and in order. The API tier defers a job with `procrastinate_defer_jobs_v1` on its own
 connection, inside the transaction of the state change the job serves (the outbox); the node writes the outcome
-to `node_job_results` and notifies `tether_job_done` in one transaction; the waiting API process hears it (or
-finds the row when it polls) and reads the outcome once.
+to `node_job_results` and notifies `tether_job_done` in one statement, the outcome in the notification too when
+it fits; the waiting API process hears it and has the outcome (removing the row later, together with other
+rows it heard), or finds the row when it polls or the notification had only the job's id, and takes it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -45,6 +46,19 @@ _DEFER = text(
     " NULL)]::procrastinate_job_to_defer_v1[]))"
 )
 _TAKE_RESULT = text("DELETE FROM node_job_results WHERE job_id = $1 RETURNING ok, result")
+_DISCARD = "DELETE FROM node_job_results WHERE job_id = ANY($1::bigint[])"
+# seconds a heard outcome's row stays before it is removed, with the rows of the others heard meanwhile
+DISCARD_AFTER = 0.5
+# an outcome whose JSON is longer than this (bytes) travels in its row only: NOTIFY's payload is under 8000
+PAYLOAD_MAX = 7000
+
+
+def notification(job_id: int, ok: bool, result: str) -> str:
+    """What the node sends on CHANNEL for a job's outcome (`result`, JSON): "<job id> <0|1> <result>", or the
+    job's id alone when the outcome is too long for a notification."""
+    if len(result) * 4 <= PAYLOAD_MAX or len(result.encode()) <= PAYLOAD_MAX:
+        return f"{job_id} {int(ok)} {result}"
+    return str(job_id)
 
 
 def queue_of(node: str) -> str:
@@ -115,6 +129,10 @@ class JobQueue:
         self._reader: asyncpg.Connection | None = None
         self._reader_lock = asyncio.Lock()
         self._closing = False
+        # outcomes heard in their notification, not yet read by their waiter; rows to remove (read that way)
+        self._heard_outcomes: dict[int, tuple[bool, Any]] = {}
+        self._read: list[int] = []
+        self._discarding: asyncio.Task[None] | None = None
         # observers for metrics: fn(node, operation, seconds, failed)
         self.observers: list[Callable[[str, str, float, bool], None]] = []
 
@@ -132,10 +150,17 @@ class JobQueue:
             self._listener = None
 
     def _heard(self, _connection: object, _pid: int, _channel: str, payload: str) -> None:
+        """Every API process hears every job's outcome: only the jobs this one waits for are read further."""
+        head, _, outcome = payload.partition(" ")
         with contextlib.suppress(ValueError):
-            waiter = self._waiters.get(int(payload))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            job_id = int(head)
+            waiter = self._waiters.get(job_id)
+            if waiter is None or waiter.done():
+                return
+            if outcome:
+                ok, _, result = outcome.partition(" ")
+                self._heard_outcomes[job_id] = (ok == "1", json.loads(result))
+            waiter.set_result(None)
 
     def _lost(self, _connection: object) -> None:
         self._listener = None
@@ -145,6 +170,12 @@ class JobQueue:
 
     async def close(self) -> None:
         self._closing = True
+        if self._discarding is not None:
+            self._discarding.cancel()
+            with contextlib.suppress(BaseException):
+                await self._discarding
+        with contextlib.suppress(*_CONNECTION_LOST):
+            await self._discard_read()
         for connection in (self._listener, self._reader):
             if connection is not None:
                 with contextlib.suppress(Exception):
@@ -207,7 +238,11 @@ class JobQueue:
                     async with asyncio.timeout(min(remaining, self.poll)):  # not wait_for: see app/node.py
                         await asyncio.shield(waiter)
                 try:
-                    outcome = await self._take(job_id)
+                    outcome = self._heard_outcomes.pop(job_id, None)
+                    if outcome is not None:
+                        self._discard_later(job_id)
+                    else:
+                        outcome = await self._take(job_id)
                 except _CONNECTION_LOST as error:
                     # the database went away (a restart): the outcome, once the node records it, waits in its table
                     log.warning("reading the outcome of job %s failed (%s); trying again", job_id, error)
@@ -224,22 +259,50 @@ class JobQueue:
                     waiter = self._waiters[job_id] = asyncio.get_running_loop().create_future()
         finally:
             self._waiters.pop(job_id, None)
+            if self._heard_outcomes.pop(job_id, None) is not None:
+                self._discard_later(job_id)
             for observe in self.observers:
                 observe(node, op, time.perf_counter() - started, failed)
 
     async def _take(self, job_id: int) -> tuple[bool, Any] | None:
+        row = await self._on_reader(lambda reader: reader.fetchrow(_TAKE_RESULT.text, job_id))
+        if row is None:
+            return None
+        return bool(row["ok"]), json.loads(row["result"]) if row["result"] is not None else None
+
+    async def _on_reader(self, run: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         async with self._reader_lock:
             if self._reader is None or self._reader.is_closed():
                 self._reader = await asyncpg.connect(self.dsn, timeout=_CONNECT_TIMEOUT)
             try:
-                row = await self._reader.fetchrow(_TAKE_RESULT.text, job_id)
+                return await run(self._reader)
             except _CONNECTION_LOST:
                 self._reader.terminate()  # closed at once: one cut off mid-operation cannot run another
                 self._reader = None
                 raise
-        if row is None:
-            return None
-        return bool(row["ok"]), json.loads(row["result"]) if row["result"] is not None else None
+
+    def _discard_later(self, job_id: int) -> None:
+        """The row of an outcome its waiter read from the notification: removed within DISCARD_AFTER, in one
+        statement with the others read meanwhile (one round trip for many jobs instead of one per job)."""
+        self._read.append(job_id)
+        if self._discarding is None or self._discarding.done():
+            self._discarding = asyncio.get_running_loop().create_task(self._discard_soon())
+
+    async def _discard_soon(self) -> None:
+        await asyncio.sleep(DISCARD_AFTER)
+        try:
+            await self._discard_read()
+        except _CONNECTION_LOST as error:  # RESULT_TTL's prune removes them
+            log.warning("removing the rows of job outcomes already read failed: %s", error)
+
+    async def _discard_read(self) -> None:
+        while self._read:
+            ids, self._read = self._read, []
+
+            async def discard(reader: asyncpg.Connection, ids: list[int] = ids) -> None:
+                await reader.execute(_DISCARD, ids)
+
+            await self._on_reader(discard)
 
 
 # the outcome and its notification in one statement (NOTIFY is sent when that statement's transaction commits)
@@ -247,7 +310,7 @@ _RECORD = text(
     "WITH recorded AS (INSERT INTO node_job_results (job_id, ok, result, created_at)"
     " VALUES (:job_id, :ok, :result, now())"
     " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id)"
-    " SELECT pg_notify(:channel, CAST(job_id AS text)) FROM recorded"
+    " SELECT pg_notify(:channel, :payload) FROM recorded"
 )
 # the node's own statement for the end of a job somebody waits for, run once procrastinate has marked the job
 # done (so the caller's next job of the volume finds the volume's lock free): the outcome and its notification,
@@ -260,7 +323,7 @@ RECORD_AND_WAKE = (
     " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id),"
     " pruned AS (DELETE FROM node_job_results"
     " WHERE %(prune)s AND created_at < now() - make_interval(secs => %(ttl)s))"
-    " SELECT pg_notify(%(done)s, CAST(job_id AS text)) FROM recorded"
+    " SELECT pg_notify(%(done)s, %(payload)s) FROM recorded"
     " UNION ALL SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
     " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
 )
@@ -274,7 +337,17 @@ _PRUNE = text("DELETE FROM node_job_results WHERE created_at < now() - make_inte
 
 async def record_outcome(session: AsyncSession, job_id: int, ok: bool, result: Any, *, prune: bool = False) -> None:
     """The node's half: the outcome and its notification (one statement; the caller's session commits it)."""
-    await session.execute(_RECORD, {"job_id": job_id, "ok": ok, "result": json.dumps(result), "channel": CHANNEL})
+    encoded = json.dumps(result)
+    await session.execute(
+        _RECORD,
+        {
+            "job_id": job_id,
+            "ok": ok,
+            "result": encoded,
+            "channel": CHANNEL,
+            "payload": notification(job_id, ok, encoded),
+        },
+    )
     if prune:
         await session.execute(_PRUNE, {"ttl": RESULT_TTL})
 

@@ -83,8 +83,9 @@ async def test_a_job_queued_behind_its_volumes_running_job_starts_when_that_one_
 
 async def test_a_volumes_next_job_deferred_as_its_last_one_ends_starts_at_once(remote: RemoteNode) -> None:
     """What an API worker does on every request: defer a volume's job as soon as it has the previous job's
-    outcome. The node records that outcome before procrastinate marks the job done, so the next job often
-    finds the volume's lock still held, is skipped, and (nothing waking the worker) waited for the poll."""
+    outcome. A node that records that outcome before procrastinate marks the job done has the next job often
+    find the volume's lock still held: it is skipped and (nothing waking the worker) waits for the poll. The
+    node records it after the job is marked done, and wakes its worker in the same statement when a job waits."""
     key = str(uuid.uuid4())
     await timed(remote, key, "capacity")
     took = [await timed(remote, key, "capacity") for _ in range(JOBS)]
