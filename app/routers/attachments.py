@@ -17,7 +17,7 @@ from app.routers.enforce import AuthorizeDep
 from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import AttachmentActionRequest, AttachmentCreateRequest, AttachmentUpdateRequest
 from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
-from app.services.attachments import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS, AttachmentRecord
+from app.services.attachment_reads import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS, AttachmentRecord
 from app.services.listing import parse_list_params
 
 router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[min_version(mv.NEW_ATTACH)])

@@ -13,7 +13,7 @@ from app import microversions as mv
 from app.auth import Context
 from app.db.models import Attachment
 from app.microversions import APIVersion
-from app.services.attachments import AttachmentRecord
+from app.services.attachment_reads import AttachmentRecord
 from app.services.types import TypeRecord
 from app.services.volumes import VolumeRecord
 

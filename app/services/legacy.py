@@ -22,7 +22,8 @@ from app.backends.base import BackendError
 from app.db.engine import Database
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, utcnow
 from app.errors import BackendFailure, InUseByServer, InvalidAttachment, InvalidInput, InvalidVolume, ServiceUnavailable
-from app.services.attachments import AttachmentRecord, AttachmentService, Claim, effective_mode, shielded
+from app.services.attachment_reads import AttachmentRecord
+from app.services.attachments import AttachmentService, Claim, effective_mode, shielded
 from app.services.connections import release, store_connector, users
 from app.services.transitions import (
     ATTACHMENTS_OF,
