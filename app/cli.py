@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         watch_workers_closely()
     uvicorn.run(
-        "app.main:create_app",
+        "app.main:server_app",
         factory=True,
         host=args.host,
         port=args.port,
