@@ -46,7 +46,15 @@ def advisory_key(key: str) -> int:
 
 
 def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """The database URL as a libpq-style DSN for the connections made without SQLAlchemy (asyncpg's here, psycopg's
+    in the job queue). SQLAlchemy's asyncpg dialect spells TLS `?ssl=<mode>`; a DSN says `sslmode` (passed on as
+    `ssl`, PostgreSQL took it for a server setting and refused the connection)."""
+    parsed = make_url(url).set(drivername="postgresql")
+    query = dict(parsed.query)
+    if "ssl" in query and "sslmode" not in query:
+        query["sslmode"] = query.pop("ssl")
+        parsed = parsed.set(query=query)
+    return parsed.render_as_string(hide_password=False)
 
 
 class _SessionLease:

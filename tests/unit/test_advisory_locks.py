@@ -160,3 +160,16 @@ def test_keys_are_stable_signed_64_bit() -> None:
     assert advisory_key("volume-x") == advisory_key("volume-x")
     assert advisory_key("volume-x") != advisory_key("volume-y")
     assert -(2**63) <= advisory_key("volume-x") < 2**63
+
+
+async def test_a_database_url_with_sqlalchemys_tls_option_works_for_the_lock_connection(postgres_url: str) -> None:
+    """`?ssl=disable` (SQLAlchemy's asyncpg spelling, which the engine takes) reaches asyncpg as `sslmode`: passed
+    on as `ssl`, PostgreSQL refused the lock connection (a runtime parameter it cannot change)."""
+    url = f"{postgres_url}?ssl=disable"
+    assert asyncpg_dsn(url).endswith("?sslmode=disable")
+    locks = AdvisoryLocks(url)
+    try:
+        async with locks.hold("volume-tls"):
+            pass
+    finally:
+        await locks.close()
