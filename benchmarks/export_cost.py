@@ -9,7 +9,9 @@ Needs root and the Debian packages tgt and libiscsi-bin.
     python -m benchmarks.export_cost --rounds 50
 
 The database defaults to $BENCH_DB (tether_bench), which must be migrated (`tether db upgrade`). After the table
-it prints the tgtadm operations of the last measured attach and detach, in order.
+it prints the tgtadm operations of the last measured attach and detach, in order. `--ipc N` then times, on the
+same tgtd, N `tgtadm --op show --mode sys` through cmd.run against N of the same request sent by hand on tgtd's
+control socket (tgt's `struct tgtadm_req`, usr/tgtadm.h): how much of a tgtadm call is the process, not tgtd.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
+import struct
 import tempfile
 import time
 import uuid
@@ -35,6 +39,9 @@ from app.main import create_app
 from tests.storage.tgtd import TgtDaemon
 
 HEADERS = {"OpenStack-API-Version": "volume 3.71"}
+# tgt's struct tgtadm_req (mode, op, lld[64], len, tid, sid, lun, cid, host_no, device_type, ac_dir, pack, force)
+TGTADM_REQ = struct.Struct("=ii64sIiQQIIIIII")
+MODE_SYSTEM, OP_SHOW = 0, 2
 
 
 class TgtadmClock:
@@ -104,7 +111,40 @@ async def timed(clock: TgtadmClock, samples: Samples | None, call: Awaitable[htt
     return response
 
 
-async def main(db: str, rounds: int) -> dict[str, dict[str, list[Any]]]:
+def raw_show_sys(control_port: int) -> int:
+    """One `show sys` on tgtd's control socket (tgtd answers one request per connection, then closes it)."""
+    request = TGTADM_REQ.pack(MODE_SYSTEM, OP_SHOW, b"iscsi", TGTADM_REQ.size, -1, 0, 0, 0, 0, 0, 0, 0, 0)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(f"/var/run/tgtd/socket.{control_port}")
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    err, length = struct.unpack_from("=II", answer)
+    if err or length != len(answer):
+        raise RuntimeError(f"tgtd answered error {err} ({len(answer)} of {length} bytes)")
+    return len(answer)
+
+
+def ipc_cost(control_port: int, n: int) -> list[str]:
+    argv = ["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "show", "--mode", "sys"]
+    ways = {
+        "tgtadm through cmd.run": lambda: cmd.run(argv),
+        "raw request on the socket": lambda: raw_show_sys(control_port),
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(2):  # alternated, after a warm-up of each
+        for name, call in ways.items():
+            for _ in range(10):
+                call()
+            for _ in range(n):
+                started = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - started)
+    return [f"show sys, {name}: median {1000 * statistics.median(t):.3f} ms over {len(t)}" for name, t in times.items()]
+
+
+async def main(db: str, rounds: int, ipc: int = 0) -> dict[str, dict[str, list[Any]]]:
     work = Path(tempfile.mkdtemp(prefix="tether-export-cost-"))
     daemon = TgtDaemon(log_dir=work)
     daemon.start()
@@ -143,6 +183,7 @@ async def main(db: str, rounds: int) -> dict[str, dict[str, list[Any]]]:
                 attachment_id = attached.json()["attachment"]["id"]
                 removal = client.delete(f"/v3/{project}/attachments/{attachment_id}")
                 await timed(clock, detach if n >= 3 else None, removal)
+        ipc_lines = ipc_cost(daemon.control_port, ipc) if ipc else []
     finally:
         daemon.stop()
     print(f"{rounds} rounds, file + tgt, {db.split('+')[0]}")
@@ -152,6 +193,8 @@ async def main(db: str, rounds: int) -> dict[str, dict[str, list[Any]]]:
     print(detach.row())
     for samples in (attach, detach):
         print(f"{samples.label.split()[0]}: {', '.join(samples.ops)}")
+    for line in ipc_lines:
+        print(line)
     return {s.label.split()[0]: {"total": s.total, "tgtadm": s.tgtadm, "calls": s.calls} for s in (attach, detach)}
 
 
@@ -161,7 +204,10 @@ if __name__ == "__main__":
     parser.add_argument("--db", default=default_db)
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--raw", type=Path, help="also write every round's numbers to this JSON file")
+    parser.add_argument(
+        "--ipc", type=int, default=0, metavar="N", help="also time N tgtadm calls against N raw requests"
+    )
     args = parser.parse_args()
-    kept = asyncio.run(main(args.db, args.rounds))
+    kept = asyncio.run(main(args.db, args.rounds, args.ipc))
     if args.raw is not None:
         args.raw.write_text(json.dumps(kept))
