@@ -1,7 +1,8 @@
 """iSCSI target on Linux tgt (tgtd), driven through tgtadm: one target per volume, LUN 1, CHAP and ACLs.
 
-tgtd is the only source of truth: a call reads `--op show --mode target` and changes only what differs,
-so each operation is idempotent and safe to repeat after a crash or a tgtd restart. Each tgtadm process
+tgtd is the only source of truth: a call changes only what differs from what tgtd holds (as `--op show --mode
+target` reads it, or as a refusal of tgtd's proves it), so each operation is idempotent and safe to repeat
+after a crash or a tgtd restart. Each tgtadm process
 costs ~1-2 ms, nearly all of it fork and exec (tgtd answers one request in ~0.04 ms, and closes its control
 socket after each one, so there is no channel to keep open); so a node operation reads the targets at most
 once and lets tgtd's own refusals stand in for the other reads:
