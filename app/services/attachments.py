@@ -464,7 +464,13 @@ class AttachmentService(AttachmentReads):
             async with self.db.autocommit() as session:
                 claimed = await quick(session)
                 if claimed is not None:
-                    pending = await run.defer(session, "connect", volume_ref(claimed.volume), claimed.chap, initiator)
+                    try:
+                        pending = await run.defer(
+                            session, "connect", volume_ref(claimed.volume), claimed.chap, initiator
+                        )
+                    except BaseException:  # committed already: no claim is left without its connect
+                        await self._unclaim(claimed)
+                        raise
         if claimed is None:
             async with self.db.write() as session:
                 claimed = await claim(session)
@@ -518,14 +524,17 @@ class AttachmentService(AttachmentReads):
     async def _undo(self, claimed: Claim, initiator: str, run: NodeRunner) -> None:
         """After a failed connect: the claim undone, and no ACL or export left that nothing else needs."""
         volume_id = claimed.volume.id
-        async with self.db.write() as session:
-            # the volume's lock first, as every transition takes it: the recompute then sees what others committed
-            await lock_volume(session, volume_id)
-            await claimed.undo(session)
+        await self._unclaim(claimed)
         try:
             await release(self.db, run, volume_id, [initiator])
         except BackendError as error:
             log.error("cleaning up after a failed connect of volume %s failed: %s", volume_id, error)
+
+    async def _unclaim(self, claimed: Claim) -> None:
+        async with self.db.write() as session:
+            # the volume's lock first, as every transition takes it: the recompute then sees what others committed
+            await lock_volume(session, claimed.volume.id)
+            await claimed.undo(session)
 
     # -- complete -------------------------------------------------------------------------------
 

@@ -302,3 +302,29 @@ async def test_a_dropped_client_does_not_strand_the_attachment(api: Api) -> None
 
 async def _called(api: Api, operation: str) -> bool:
     return operation in target(api).faults.calls
+
+
+async def test_a_volume_lock_lost_before_the_connect_job_leaves_no_claim(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock lost between the claim and the node's job (its connection dropped): a 503, and the claim is gone.
+    On PostgreSQL the claim is one statement committed by itself (app/services/one_trip.py), so it is undone; in a
+    transaction it rolls back with the job's."""
+    from app.backends.dispatch import LockLost
+    from app.services.nodes import NodeRunner
+
+    volume = await api.create_volume()
+
+    async def lost(self: NodeRunner, *_args: Any, **_kwargs: Any) -> Any:
+        raise LockLost(self.volume_id)
+
+    monkeypatch.setattr(NodeRunner, "defer", lost)
+    response = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("h1"))
+    monkeypatch.undo()
+
+    assert response.status_code == 503, response.text
+    assert await attachment_rows(api, volume["id"]) == []
+    assert await volume_state(api, volume["id"]) == ("available", "detached")
+    assert not exported(api, volume["id"])
+    retried = await reserve(api, volume["id"], connector=connector("h1"))
+    assert retried["status"] == "attaching"
