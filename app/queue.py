@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -51,6 +52,10 @@ _DISCARD = "DELETE FROM node_job_results WHERE job_id = ANY($1::bigint[])"
 DISCARD_AFTER = 0.5
 # an outcome whose JSON is longer than this (bytes) travels in its row only: NOTIFY's payload is under 8000
 PAYLOAD_MAX = 7000
+# notifications heard for jobs nobody here waited for (yet), the newest kept: an autocommitted defer commits the
+# job with its statement, and a busy API process may read the job's outcome notification before that
+# statement's answer, when the job has no waiter yet (it then waited for the poll, 1 s)
+_EARLY_KEPT = 1024
 
 
 def notification(job_id: int, ok: bool, result: str) -> str:
@@ -132,6 +137,7 @@ class JobQueue:
         # outcomes heard in their notification, not yet read by their waiter; rows to remove (read that way)
         self._heard_outcomes: dict[int, tuple[bool, Any]] = {}
         self._read: list[int] = []
+        self._early: OrderedDict[int, str] = OrderedDict()
         self._discarding: asyncio.Task[None] | None = None
         # observers for metrics: fn(node, operation, seconds, failed)
         self.observers: list[Callable[[str, str, float, bool], None]] = []
@@ -155,12 +161,31 @@ class JobQueue:
         with contextlib.suppress(ValueError):
             job_id = int(head)
             waiter = self._waiters.get(job_id)
-            if waiter is None or waiter.done():
+            if waiter is None:  # another process's job, or one of ours whose defer has not returned yet
+                self._early[job_id] = outcome
+                if len(self._early) > _EARLY_KEPT:
+                    self._early.popitem(last=False)
                 return
+            self._deliver(job_id, waiter, outcome)
+
+    def _deliver(self, job_id: int, waiter: asyncio.Future[None], outcome: str) -> None:
+        if waiter.done():
+            return
+        with contextlib.suppress(ValueError):  # a notification without the outcome: the waiter reads the row
             if outcome:
                 ok, _, result = outcome.partition(" ")
                 self._heard_outcomes[job_id] = (ok == "1", json.loads(result))
-            waiter.set_result(None)
+        waiter.set_result(None)
+
+    def _waiter(self, job_id: int) -> asyncio.Future[None]:
+        """The job's waiter; already done when its outcome was heard before it was registered."""
+        waiter = self._waiters.get(job_id)
+        if waiter is None:
+            waiter = self._waiters[job_id] = asyncio.get_running_loop().create_future()
+            early = self._early.pop(job_id, None)
+            if early is not None:
+                self._deliver(job_id, waiter, early)
+        return waiter
 
     def _lost(self, _connection: object) -> None:
         self._listener = None
@@ -213,8 +238,8 @@ class JobQueue:
                 )
             ).scalar_one()
         )
-        if wait:  # listening before the commit: the outcome cannot come before the waiter
-            self._waiters[job_id] = asyncio.get_running_loop().create_future()
+        if wait:  # listening before the commit; an autocommitted job's outcome may have been heard already (_early)
+            self._waiter(job_id)
         return job_id
 
     def forget(self, job_id: int) -> None:
@@ -225,7 +250,7 @@ class JobQueue:
         """The job's result, or JobFailed with the node's message, or JobTimeout past `deadline_s` seconds."""
         started = time.perf_counter()
         deadline = time.monotonic() + deadline_s
-        waiter = self._waiters.setdefault(job_id, asyncio.get_running_loop().create_future())
+        waiter = self._waiter(job_id)
         failed = True
         try:
             while True:

@@ -3,7 +3,8 @@
 connection pool procrastinate uses on a node (app.node.job_pool).
 
 An outcome that fits in its notification reaches its waiter without a read of its row, which is removed a
-little later together with others; one too long for a notification is read from its row.
+little later together with others; one too long for a notification is read from its row; one heard before its
+job's autocommitted defer had returned is not missed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from sqlalchemy import text
 
+from app.db.engine import Database
 from app.db.locks import asyncpg_dsn
 from app.node import job_pool
 from app.queue import CHANNEL, DISCARD_AFTER, PAYLOAD_MAX, RECORD_AND_WAKE, JobFailed, JobQueue, notification
@@ -95,6 +98,31 @@ async def test_an_outcome_too_long_for_a_notification_is_read_from_its_row(queue
 async def test_a_failed_job_heard_in_its_notification_fails_its_waiter(queue: JobQueue, postgres_url: str) -> None:
     with pytest.raises(JobFailed, match="the pool is full"):
         await asyncio.wait_for(outcome_of(queue, postgres_url, False, "the pool is full"), 5)
+
+
+async def test_an_outcome_heard_before_its_autocommitted_defer_returned_reaches_its_waiter(postgres_url: str) -> None:
+    """An autocommitted defer (RemoteNode.call) commits the job with its statement: a node can finish it, and a
+    busy API process read the outcome's notification, before the defer's answer, when nobody waits for the job
+    yet. The waiter registered after it must still have it at once, not at the next poll."""
+    queue = JobQueue(postgres_url, SecretBox(None), poll=5.0)
+    await queue.start()
+    db = Database(postgres_url, 2)
+    try:
+        async with db.autocommit() as session:  # this database's next job id (nothing else defers in it)
+            upcoming = int(await session.scalar(text("SELECT nextval('procrastinate_jobs_id_seq')"))) + 1
+        await node_ends(postgres_url, upcoming, True, queue.codec.encode({"free": 3}))
+        await asyncio.sleep(0.3)  # heard, with no waiter
+        async with db.autocommit() as session:
+            job_id = await queue.defer(session, "test", None, "capacity", (), "req-early", deadline_s=10)
+        assert job_id == upcoming
+        started = asyncio.get_running_loop().time()
+        assert await queue.wait(job_id, 10) == {"free": 3}
+        assert asyncio.get_running_loop().time() - started < 1.0, "the waiter waited for the poll"
+    finally:
+        async with db.autocommit() as session:
+            await session.execute(text("DELETE FROM procrastinate_jobs WHERE queue_name = 'node.test'"))
+        await queue.close()
+        await db.dispose()
 
 
 async def test_the_node_pool_replaces_a_connection_whose_backend_ended_when_it_hands_it_out(
