@@ -108,8 +108,11 @@ def job_pool(**options: Any) -> Any:
     checks: set[asyncio.Task[None]] = set()
 
     async def check(connection: Any) -> None:
-        if not connection.closed and not select.select([connection.fileno()], [], [], 0)[0]:
-            return  # nothing arrived since its last use: alive as far as the socket can tell
+        if not connection.closed:
+            readable = select.poll()  # poll, not select: no limit on the descriptor's number
+            readable.register(connection.fileno(), select.POLLIN)
+            if not readable.poll(0):
+                return  # nothing arrived since its last use: alive as far as the socket can tell
         try:
             await psycopg_pool.AsyncConnectionPool.check_connection(connection)
         except Exception:
