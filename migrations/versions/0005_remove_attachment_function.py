@@ -20,28 +20,30 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-# the volume statuses that follow the attachments (transitions.ATTACH_DRIVEN), as of this revision
-_DRIVEN = "'available', 'reserved', 'attaching', 'in-use', 'detaching'"
-
-
-def _has(status: str | None) -> str:
-    which = f" AND attach_status = '{status}'" if status else ""
-    return f"EXISTS (SELECT 1 FROM attachments WHERE volume_id = p_volume_id{which})"
-
-
-FUNCTION = f"""
+# The recompute: any attached -> in-use/attached; else attaching -> attaching/attaching; else any -> reserved/reserved;
+# none -> available/detached; only for the statuses that follow the attachments (transitions.ATTACH_DRIVEN).
+FUNCTION = """
 CREATE OR REPLACE FUNCTION tether_remove_attachment(p_volume_id varchar, p_attachment_id varchar, p_now timestamptz)
 RETURNS SETOF attachments LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_attached boolean;
+    v_attaching boolean;
+    v_any boolean;
 BEGIN
     PERFORM 1 FROM volumes WHERE id = p_volume_id FOR UPDATE;
     DELETE FROM attachments WHERE id = p_attachment_id;
+    SELECT coalesce(bool_or(attach_status = 'attached'), false),
+           coalesce(bool_or(attach_status = 'attaching'), false),
+           count(*) > 0
+      INTO v_attached, v_attaching, v_any
+      FROM attachments WHERE volume_id = p_volume_id;
     UPDATE volumes SET
-        status = CASE WHEN {_has("attached")} THEN 'in-use' WHEN {_has("attaching")} THEN 'attaching'
-                      WHEN {_has(None)} THEN 'reserved' ELSE 'available' END,
-        attach_status = CASE WHEN {_has("attached")} THEN 'attached' WHEN {_has("attaching")} THEN 'attaching'
-                             WHEN {_has(None)} THEN 'reserved' ELSE 'detached' END,
+        status = CASE WHEN v_attached THEN 'in-use' WHEN v_attaching THEN 'attaching'
+                      WHEN v_any THEN 'reserved' ELSE 'available' END,
+        attach_status = CASE WHEN v_attached THEN 'attached' WHEN v_attaching THEN 'attaching'
+                             WHEN v_any THEN 'reserved' ELSE 'detached' END,
         updated_at = p_now
-    WHERE id = p_volume_id AND status IN ({_DRIVEN});
+    WHERE id = p_volume_id AND status IN ('available', 'reserved', 'attaching', 'in-use', 'detaching');
     RETURN QUERY SELECT * FROM attachments WHERE volume_id = p_volume_id ORDER BY created_at;
 END
 $$
