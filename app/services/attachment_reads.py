@@ -29,7 +29,7 @@ log = logging.getLogger("tether.attachments")
 
 ATTACHMENT_FILTERS = frozenset({"volume_id", "status", "instance_id"})
 ATTACHMENT_SORT_KEYS = frozenset({"id", "created_at", "updated_at", "status", "volume_id", "instance_id"})
-_OWNERS_KEPT = 100_000
+KEPT_PER_PROCESS = 100_000
 
 
 @dataclass
@@ -62,7 +62,7 @@ class AttachmentReads:
     def _remember(self, attachment_id: str, volume_id: str, project_id: str) -> None:
         """Called once the attachment's row is committed: a rolled-back one is never remembered."""
         self._owners[attachment_id] = (volume_id, project_id)
-        if len(self._owners) > _OWNERS_KEPT:
+        if len(self._owners) > KEPT_PER_PROCESS:
             self._owners.popitem(last=False)
 
     def forget(self, attachment_id: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,7 +36,7 @@ from app.errors import (
 from app.logs import bind
 from app.secrets import SecretBox
 from app.services import one_trip
-from app.services.attachment_reads import AttachmentReads, AttachmentRecord
+from app.services.attachment_reads import KEPT_PER_PROCESS, AttachmentReads, AttachmentRecord
 from app.services.connections import (
     build_connection_info,
     chap_of,
@@ -124,6 +125,8 @@ class AttachmentService(AttachmentReads):
         self.validator = validator
         # PostgreSQL runs the attach cycle's hot transitions as single statements (app/services/one_trip.py)
         self.one_trip = not db.is_sqlite
+        # volumes seen with CHAP credentials (kept for a volume's life): their connects make none to offer
+        self._chapped: OrderedDict[str, None] = OrderedDict()
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -371,13 +374,18 @@ class AttachmentService(AttachmentReads):
             scoped=not ctx.all_projects,
             caller=ctx.project_id,
             attachment=attachment,
-            auth=provider_auth(new_chap(), self.secrets),  # kept only on the volume's first connect
+            # kept only on the volume's first connect
+            auth=None if volume_id in self._chapped else provider_auth(new_chap(), self.secrets),
             connector=connector,
         )
         if volume is None:
             return None
-        chap = chap_of(volume, self.secrets)
-        assert chap is not None  # the statement stores one when the volume has none
+        self._chapped[volume.id] = None
+        if len(self._chapped) > KEPT_PER_PROCESS:
+            self._chapped.popitem(last=False)
+        # the statement stored one when the volume had none and we offered it; a volume remembered with CHAP
+        # that has none (its row restored from before its first connect) gets one now
+        chap = chap_of(volume, self.secrets) or await self.chap_for(session, volume)
         return Claim(attachment, volume, chap, attachment.attach_mode, self._remover(attachment.id, volume.id))
 
     async def claim_existing(

@@ -144,11 +144,12 @@ async def claim_and_insert(
     scoped: bool,
     caller: str,
     attachment: Attachment,
-    auth: str,
+    auth: str | None,
     connector: Mapping[str, Any],
 ) -> Volume | None:
     """Claim the volume for a connect and insert `attachment` (its volume_id set, project_id filled in here) with
-    the connector's rows; the claimed volume (with its CHAP credentials), or None when the claim did not apply."""
+    the connector's rows; the claimed volume (with its CHAP credentials: `auth` when it had none; None for a
+    volume known to have them), or None when the claim did not apply."""
     values = {f"a_{c}": getattr(attachment, c) for c in ATTACHMENT_COLUMNS if c not in ("volume_id", "project_id")}
     keys = [str(k) for k in connector]
     result = await session.execute(
