@@ -29,14 +29,15 @@ def bench_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def fresh_db(env: dict[str, str]) -> None:
+def fresh_db(env: dict[str, str], tree: Path = ROOT) -> None:
+    """An empty BENCH_DB, migrated by the code in `tree` (this checkout by default)."""
     psql = ["psql", "-q", "-U", "postgres", "-h", "127.0.0.1"]
     subprocess.run(
         [*psql, "-c", f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", "-c", f"CREATE DATABASE {BENCH_DB}"],
         check=True,
     )
     subprocess.run(
-        [sys.executable, "-m", "app.cli", "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True
+        [sys.executable, "-m", "app.cli", "db", "upgrade"], cwd=tree, env=env, check=True, capture_output=True
     )
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.attach_cycle import HEADERS, make_volume
-from benchmarks.processes import BASE, BENCH_DB, PORT, ROOT, bench_env, stop
+from benchmarks.processes import BASE, BENCH_DB, PORT, ROOT, bench_env, fresh_db, stop
 from benchmarks.wire import Connection
 
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
@@ -230,18 +230,6 @@ def git_commit(tree: Path) -> str:
     return done.stdout.strip() + ("+changes" if dirty else "")
 
 
-def fresh_db(tree: Path, env: dict[str, str]) -> None:
-    """An empty BENCH_DB, migrated by the code in `tree` (directly, not through the proxy)."""
-    psql = ["psql", "-q", "-U", "postgres", "-h", "127.0.0.1"]
-    subprocess.run(
-        [*psql, "-c", f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)", "-c", f"CREATE DATABASE {BENCH_DB}"],
-        check=True,
-    )
-    subprocess.run(
-        [sys.executable, "-m", "app.cli", "db", "upgrade"], cwd=tree, env=env, check=True, capture_output=True
-    )
-
-
 def start_server(tree: Path, env: dict[str, str], workers: int, log: Path) -> subprocess.Popen[bytes]:
     """`tether serve` of the code in `tree` (this venv's Python: the tree's `app` comes first on the path)."""
     with log.open("ab") as out:
@@ -277,7 +265,7 @@ async def measure(args: argparse.Namespace, tree: Path, log: Path) -> dict[str, 
     proxy = Proxy(args.proxy_port, ("127.0.0.1", 5432))
     await proxy.start()
     direct = bench_env()
-    fresh_db(tree, direct)
+    fresh_db(direct, tree)
     proxied = {**direct, "TETHER_DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{args.proxy_port}/{BENCH_DB}"}
     # stop() waits for the process: in a thread, so the proxy keeps forwarding the server's last words
     server = await serve(tree, proxied, args.workers, log)
