@@ -399,6 +399,9 @@ class AttachmentService(AttachmentReads):
         initiator = str(connector["initiator"])
         attachment = await self.load(session, ctx, attachment_id)
         volume = await load_volume(session, ctx, attachment.volume_id, lock=True)
+        # read again under the volume's lock: an os-complete (which takes no other lock) may have committed while
+        # we waited for it, and a status read before would make an attached attachment's volume `attaching`
+        await session.refresh(attachment)
         if attachment.attach_status not in CONNECTABLE:
             raise InvalidAttachment(
                 f"Attachment {attachment.id} cannot be connected: its status is {attachment.attach_status}."

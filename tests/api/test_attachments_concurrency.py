@@ -30,6 +30,7 @@ from tests.api.attaching import (
     exported,
     initiator,
     new_uuid,
+    reserve,
     show,
     target,
     volume_state,
@@ -338,3 +339,31 @@ async def test_slow_target_does_not_block_the_event_loop(api: Api, database_url:
     assert max(latencies) < 0.25, latencies
     target(api).faults.delay = 0
     await asyncio.gather(*(complete(api, r.json()["attachment"]["id"]) for r in responses))
+
+
+@pytest.mark.usefixtures("postgres_only")
+async def test_a_reconnect_that_waits_for_the_volume_sees_a_completion_committed_meanwhile(api: Api) -> None:
+    """PUT (a connect) of an attaching attachment, while os-complete of it holds the volume and commits: the connect
+    reads the attachment again under the volume's lock, so the volume ends in-use, not attaching with its only
+    attachment attached (the crash suite's 'attaching/attaching with attachments [attached]')."""
+    volume = await api.create_volume()
+    attachment = await reserve(api, volume["id"], instance_uuid=new_uuid(), connector=connector("hostA"))
+    assert attachment["status"] == "attaching"
+    async with api.app.state.db.write() as session:
+        # what os-complete commits, holding the volume's row lock while the connect starts and reads the attachment
+        await session.execute(select(Volume).where(Volume.id == volume["id"]).with_for_update())
+        connecting = asyncio.create_task(
+            api.put(f"/attachments/{attachment['id']}", {"attachment": {"connector": connector("hostA")}})
+        )
+        await asyncio.sleep(0.5)  # the connect has read the attachment and waits for the volume's lock
+        assert not connecting.done()
+        await session.execute(
+            sa_update(Attachment).where(Attachment.id == attachment["id"]).values(attach_status="attached")
+        )
+        await session.execute(
+            sa_update(Volume).where(Volume.id == volume["id"]).values(status="in-use", attach_status="attached")
+        )
+    response = await connecting
+    assert response.status_code == 200, response.text
+    assert response.json()["attachment"]["status"] == "attached"
+    assert await volume_state(api, volume["id"]) == ("in-use", "attached")
