@@ -55,7 +55,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.nodes.cluster import Cluster, NodeSpec, base_env
+from tests.nodes.cluster import Cluster, NodeSpec, base_env, tail
 from tests.stress.harness import (
     PgDatabase,
     Tally,
@@ -186,8 +186,10 @@ async def test_torture_across_two_nodes(two_nodes: Cluster, capsys: pytest.Captu
     ]
     with capsys.disabled():
         print("\n".join(summary))
-    assert not world.tally.failures, world.tally.failures[:20]
-    assert [code for _name, code, _s in restarts] == [0] * RESTARTS, f"a node did not stop cleanly: {restarts}"
+    # a failed run keeps what the nodes logged last: their logs go with the cluster's directory
+    logs = "".join(f"\n--- node {name}, last lines:\n{tail(node.log)}" for name, node in cluster.nodes.items())
+    assert not world.tally.failures, f"{world.tally.failures[:20]}{logs}"
+    assert [code for _name, code, _s in restarts] == [0] * RESTARTS, f"a node did not stop cleanly: {restarts}{logs}"
     assert not verdict.problems, verdict.problems
     assert not verdict.login_problems, verdict.login_problems
     assert not problems, problems[:3]
