@@ -226,20 +226,20 @@ class Nodes:
         return self.local is not None
 
     @asynccontextmanager
-    async def exclusive(self, volume_id: str) -> AsyncIterator[NodeRunner]:
+    async def exclusive(self, volume_id: str, wait: float | None = None) -> AsyncIterator[NodeRunner]:
         """Hold the volume (across every process sharing the database) for a sequence of state changes and
-        storage operations."""
+        storage operations; LockTimeout after `wait` s (on a node; lock_timeout when None)."""
         async with AsyncExitStack() as stack:
-            lease = await self._acquire(stack, volume_id)
+            lease = await self._acquire(stack, volume_id, wait)
             yield NodeRunner(self, volume_id, lease)
 
-    async def _acquire(self, stack: AsyncExitStack, volume_id: str) -> Lease | None:
+    async def _acquire(self, stack: AsyncExitStack, volume_id: str, wait: float | None = None) -> Lease | None:
         """The volume's lock, waited for at most lock_timeout. In remote mode a lock still busy after a second has
         the volume's node looked at, every second: a node that hung while it held the volume (stopped mid-job:
         its connection, and PostgreSQL's lock with it, lives on) would hold it until lock_timeout, and what waits
         here needs that node anyway, so a down node is a 503 now (a 409 after two minutes before)."""
         if self.local is not None:
-            return await stack.enter_async_context(self.dispatcher.hold(volume_id))
+            return await stack.enter_async_context(self.dispatcher.hold(volume_id, wait))
         limit = self.dispatcher.lock_timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:

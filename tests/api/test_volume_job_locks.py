@@ -1,0 +1,68 @@
+"""A node's volume job (finish_create, finish_delete) waiting for its volume's lock, on PostgreSQL (the lock spans
+processes): once the volume's status has moved on, the job ends without the lock.
+
+Whoever moved it may hold the lock and wait for its own next job of that volume: an admin's os-reset_status to
+`available`/`detached` commits the status under the lock, then drops the export as a job on the volume's queue,
+which runs only after the waiting job ends (one volume's jobs run in order). A job that went on waiting for the
+lock kept both waiting until the admin's TETHER_NODE_TIMEOUT, and the node's SIGTERM with them (the torture
+across nodes saw a node take more than 20 s to stop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from app.backends.base import VolumeRef
+from app.db.locks import AdvisoryLocks
+from app.db.models import Volume, VolumeStatus
+from tests.conftest import Api
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def database_url(postgres_url: str) -> str:
+    return postgres_url
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"lock_timeout": 60}
+
+
+async def set_status(api: Api, volume_id: str, status: VolumeStatus) -> None:
+    async with api.app.state.db.write() as session:
+        await session.execute(update(Volume).where(Volume.id == volume_id).values(status=status))  # type: ignore[arg-type]
+
+
+async def status_of(api: Api, volume_id: str) -> str | None:
+    async with api.app.state.db.read() as session:
+        return await session.scalar(select(Volume.status).where(Volume.id == volume_id))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("op", "waiting"), [("finish_delete", VolumeStatus.DELETING), ("finish_create", VolumeStatus.CREATING)]
+)
+async def test_a_volume_job_whose_volume_moved_on_while_it_waited_for_the_lock_ends_without_it(
+    api: Api, postgres_url: str, op: str, waiting: VolumeStatus
+) -> None:
+    volume = await api.create_volume()
+    await set_status(api, volume["id"], waiting)  # as the API left it, and the job was deferred
+    other = AdvisoryLocks(postgres_url)  # another process: an admin's os-reset_status in another API worker
+    try:
+        async with other.hold(volume["id"]):
+            job = asyncio.create_task(api.app.state.reconciler.sequence(op, (VolumeRef(id=volume["id"], size_gb=1),)))
+            await asyncio.sleep(0.3)
+            assert not job.done(), "the job did not wait for the lock another process holds"
+            await set_status(api, volume["id"], VolumeStatus.AVAILABLE)  # the reset commits, under its lock
+            # ... and now waits for its drop_export job, which the queue runs after this one: the job must end
+            # while the lock is still held (before: it waited for the lock until lock_timeout)
+            assert await asyncio.wait_for(job, 10) is None
+        assert await status_of(api, volume["id"]) == VolumeStatus.AVAILABLE
+        assert (await api.get(f"/volumes/{volume['id']}")).status_code == 200  # nothing was deleted
+    finally:
+        await other.close()
