@@ -114,6 +114,15 @@ def effective_mode(attachment: Attachment) -> str:
     return attachment.attach_mode if attachment.attach_mode in ("rw", "ro") else "rw"
 
 
+def connecting(attachment: Attachment, connector: Mapping[str, Any]) -> None:
+    """A new attachment as it is inserted by a create with a connector: connecting from the connector's host."""
+    attachment.attach_status = AttachStatus.ATTACHING
+    attachment.attach_time = attachment.updated_at = utcnow()
+    attachment.attached_host = connector.get("host")
+    attachment.attach_mode = effective_mode(attachment)
+    attachment.mountpoint = connector.get("mountpoint")
+
+
 class AttachmentService(AttachmentReads):
     """The attachments' state changes (reserve, connect, complete, remove); the reads are AttachmentReads'."""
 
@@ -241,10 +250,12 @@ class AttachmentService(AttachmentReads):
                 ctx, volume_id=volume_id, instance_uuid=instance_uuid, mode=mode, idempotency=idempotency
             )
         checked = self.validate_connector(connector)
+        # one autocommitted statement, tried first; the embedded node's job needs no transaction to ride in
+        quickly = idempotency is None and self.one_trip and self.nodes.embedded
 
         async def claim(session: AsyncSession) -> Claim:
-            if idempotency is None:
-                return await self.claim_new(session, ctx, volume_id, instance_uuid, mode, checked)
+            if idempotency is None:  # after a quick claim that did not apply, not the same statement again
+                return await self.claim_new(session, ctx, volume_id, instance_uuid, mode, checked, at_once=not quickly)
             await idempotency.claim(session)
             claimed = await self.claim_new(session, ctx, volume_id, instance_uuid, mode, checked)
             await idempotency.link(session, claimed.attachment.id)
@@ -258,8 +269,7 @@ class AttachmentService(AttachmentReads):
             return claimed
 
         quick: QuickClaimer | None = None
-        if idempotency is None and self.one_trip and self.nodes.embedded:
-            # one autocommitted statement; the embedded node's job needs no transaction to ride in
+        if quickly:
 
             async def quick(session: AsyncSession) -> Claim | None:
                 return await self.claim_at_once(session, ctx, volume_id, instance_uuid, mode, checked)
@@ -312,23 +322,20 @@ class AttachmentService(AttachmentReads):
         connector: Mapping[str, Any],
         *,
         legacy: bool = False,
+        at_once: bool = True,
     ) -> Claim:
-        """Reserve and connect in one transaction: a refusal (400, 409) rolls both back; the undo removes it."""
-        if self.one_trip and not legacy:
-            at_once = await self.claim_at_once(session, ctx, volume_id, instance_uuid, mode, connector)
-            if at_once is not None:
-                return at_once
+        """Reserve and connect in one transaction: a refusal (400, 409) rolls both back; the undo removes it.
+        `at_once`: try claim_at_once first (PostgreSQL), unless the caller just did."""
+        if self.one_trip and at_once and not legacy:
+            claimed = await self.claim_at_once(session, ctx, volume_id, instance_uuid, mode, connector)
+            if claimed is not None:
+                return claimed
         attachment, volume = await self._reserve(
             session, ctx, volume_id, instance_uuid, mode, insert=False, legacy=legacy, connecting=True
         )
         chap = await self.chap_for(session, volume)
-        now = utcnow()
         # reserved in this transaction and not yet inserted: it is inserted already connecting
-        attachment.attach_status = AttachStatus.ATTACHING
-        attachment.attach_time = attachment.updated_at = now
-        attachment.attached_host = connector.get("host")
-        attachment.attach_mode = effective_mode(attachment)
-        attachment.mountpoint = connector.get("mountpoint")
+        connecting(attachment, connector)
         await session.execute(INSERT_ATTACHMENT, columns_of(attachment))
         await store_connector(session, attachment.id, connector, fresh=True)
 
@@ -356,19 +363,13 @@ class AttachmentService(AttachmentReads):
         """claim_new's common case as one statement (PostgreSQL): an available volume (or a multiattach one that
         may take another attachment) claimed, the attachment inserted connecting, its connector stored. None: the
         claim did not apply and nothing changed; claim_new's transaction tells a busy volume from a missing one."""
-        now = utcnow()
         attachment = Attachment(
             volume_id=volume_id,
             project_id="",  # the volume's, filled in by the statement
             instance_uuid=instance_uuid,
-            attach_status=AttachStatus.ATTACHING,
             attach_mode=mode or "null",
-            attach_time=now,
-            updated_at=now,
-            attached_host=connector.get("host"),
-            mountpoint=connector.get("mountpoint"),
         )
-        attachment.attach_mode = effective_mode(attachment)
+        connecting(attachment, connector)
         volume = await one_trip.claim_and_insert(
             session,
             scoped=not ctx.all_projects,

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 from app.services import one_trip
+from tests.api.attaching import connector, create_attachment, new_uuid
+from tests.conftest import Api
 
 pytestmark = pytest.mark.asyncio
 
@@ -191,3 +194,26 @@ async def test_remove_of_the_last_attachment_makes_the_volume_available(db: Data
     async with db.autocommit() as session:
         assert await one_trip.remove(session, volume_id, attached, utcnow()) == []
     assert await volume_status(db, volume_id) == (VolumeStatus.AVAILABLE, AttachStatus.DETACHED)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_create_the_one_statement_claim_refuses_sends_that_statement_once(api: Api) -> None:
+    """Embedded: the quick claim, refused (the volume is in use), falls back to the full transaction, which tells
+    the caller why; it does not send the refused statement a second time first."""
+    volume = await api.create_volume()
+    first = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host1"))
+    assert first.status_code == 200, first.text
+    claims: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().startswith("WITH claimed AS"):
+            claims.append(statement)
+
+    engine = api.app.state.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        refused = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host2"))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert refused.status_code == 400, refused.text  # a volume in use that is not multiattach
+    assert len(claims) == 1
