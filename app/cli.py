@@ -262,7 +262,7 @@ def _reconcile_remote(settings: Settings) -> int:
                     failed += 1
                     continue
                 try:
-                    report = await (await nodes.node_named(name)).call(None, "reconcile", ())
+                    report = await (await nodes.node_named(name)).reconcile()
                 except (BackendError, ServiceUnavailable) as error:
                     print(f"node {name}: reconcile failed: {error}")
                     failed += 1

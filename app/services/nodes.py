@@ -68,6 +68,8 @@ class Node(Protocol):
 
     async def call(self, key: str | None, op: str, args: tuple[Any, ...]) -> Any: ...
 
+    async def reconcile(self) -> dict[str, Any]: ...
+
     async def defer(
         self, session: AsyncSession, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
     ) -> Pending: ...
@@ -123,6 +125,9 @@ class LocalNode:
     ) -> Pending:
         return _Now(lambda: self.call(key, op, args))
 
+    async def reconcile(self) -> dict[str, Any]:
+        return await self.call(None, "reconcile", ())  # type: ignore[no-any-return]
+
 
 @dataclass
 class _Job:
@@ -166,6 +171,12 @@ class RemoteNode:
         async with self.db.autocommit() as session:  # the job alone: one statement, committed by itself
             pending = await self.defer(session, key, op, args)
         return await pending.result()
+
+    async def reconcile(self) -> dict[str, Any]:
+        """One reconcile job; a node runs them one at a time (their lock): a reconcile waits for the lock of each
+        volume it changes, and several at once (`tether reconcile` run again and again) could take every one of
+        the node's job slots while the holders of those locks wait for a job of their own."""
+        return await self.call(f"reconcile@{self.name}", "reconcile", ())  # type: ignore[no-any-return]
 
 
 class NodeRunner:

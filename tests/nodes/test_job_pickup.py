@@ -92,3 +92,30 @@ async def test_a_volumes_next_job_deferred_as_its_last_one_ends_starts_at_once(r
     waited = [round(t, 2) for t in took if t >= FETCH_POLL * 0.8]
     # a busy machine may stall one or two; the poll alone stalled about one job in six
     assert len(waited) <= 2, f"{len(waited)} of {JOBS} jobs of one volume waited for the worker's poll: {waited}"
+
+
+async def test_a_nodes_reconcile_jobs_run_one_at_a_time(slow_fake_node: Cluster, remote: RemoteNode) -> None:
+    """`tether reconcile` run several times at once: the node runs their jobs one after the other. A reconcile
+    waits for the lock of each volume it changes, and reconciles that all ran at once could take every one of the
+    node's job slots while the holders of those locks (a connect, a reset) each waited for a job of their own."""
+    import asyncpg
+
+    from app.db.locks import asyncpg_dsn
+
+    await timed(remote, "warm-up", "capacity")
+    watcher = await asyncpg.connect(asyncpg_dsn(slow_fake_node.database_url))
+    most = 0
+    try:
+        calls = [asyncio.create_task(remote.reconcile()) for _ in range(5)]  # node-q runs 4 jobs at once
+        while not all(call.done() for call in calls):
+            doing = await watcher.fetchval(
+                "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = 'node.node-q' AND status = 'doing'"
+                " AND args -> 'job' ->> 'op' = 'reconcile'"
+            )
+            most = max(most, doing)
+            await asyncio.sleep(0.05)
+        reports = await asyncio.gather(*calls)
+    finally:
+        await watcher.close()
+    assert all(report["errors"] == [] for report in reports)
+    assert most == 1, f"{most} reconcile jobs ran at once on one node"
