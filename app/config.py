@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     target_portal: str = "127.0.0.1:3260"
     target_iqn_prefix: str = "iqn.2010-10.org.openstack:"
     tgt_control_port: int | None = None
+    # how the tgt target talks to tgtd: its control socket from this process, or a tgtadm process per request
+    tgt_control: Literal["socket", "tgtadm"] = "socket"
     lvm_vg: str = "cinder-volumes"
     lvm_type: Literal["thick", "thin"] = "thick"
     lvm_thin_pool: str = "tether-pool"

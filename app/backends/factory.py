@@ -42,6 +42,7 @@ def build_backends(settings: Settings) -> Backends:
             iqn_prefix=settings.target_iqn_prefix,
             portal=settings.target_portal,
             control_port=settings.tgt_control_port,
+            control=settings.tgt_control,
         )
     else:
         from app.backends.targets.lio import LioTarget

@@ -355,6 +355,8 @@ def fault_cluster_in(directory: Path, bin_dir: Path) -> Iterator[FaultCluster]:
                     "TETHER_BACKEND_NAME": backend_of(name),
                     "PATH": f"{tools}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
                     "FAULT_TGTADM_DELAY_FILE": str(delays[name]),
+                    # the faults are timed through the tgtadm wrapper (slow_tgtadm): the command, not the socket
+                    "TETHER_TGT_CONTROL": "tgtadm",
                 },
             )
             for name in NODES

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from app.backends import cmd
 from app.backends.base import BackendError, VolumeRef
+from app.backends.targets import tgt_socket
 from app.backends.targets.fake import FakeTarget
 from app.backends.targets.tgt import TgtTarget
 from app.db.models import Attachment, AttachmentSpec, Volume, VolumeMetadata
@@ -622,6 +623,11 @@ class RecordingRun:
         self.argvs.append(argv)
         return cmd.Completed(0, self.show if "show" in argv else "", "")
 
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """In place of both ways the target makes a tgtadm request: the command, and tgtd's socket."""
+        monkeypatch.setattr(cmd, "run", self)
+        monkeypatch.setattr(tgt_socket, "run", self)
+
 
 VOLUME = VolumeRef(id=str(uuid.uuid4()), size_gb=1)
 TGT_TARGET_SHOW = f"""Target 1: iqn.2010-10.org.openstack:volume-{VOLUME.id}
@@ -644,7 +650,7 @@ def test_tgt_refuses_an_unvalidated_initiator_before_tgtadm(
     monkeypatch: pytest.MonkeyPatch, operation: str, initiator: Any
 ) -> None:
     recorder = RecordingRun(TGT_TARGET_SHOW)
-    monkeypatch.setattr(cmd, "run", recorder)
+    recorder.install(monkeypatch)
     tgt = TgtTarget("iqn.2010-10.org.openstack:", "127.0.0.1:3260", control_port=3261)
     with pytest.raises(BackendError, match="refusing initiator"):
         getattr(tgt, operation)(VOLUME, initiator)
@@ -653,7 +659,7 @@ def test_tgt_refuses_an_unvalidated_initiator_before_tgtadm(
 
 def test_tgt_passes_a_valid_initiator_as_one_argv_item(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = RecordingRun(TGT_TARGET_SHOW)
-    monkeypatch.setattr(cmd, "run", recorder)
+    recorder.install(monkeypatch)
     tgt = TgtTarget("iqn.2010-10.org.openstack:", "127.0.0.1:3260", control_port=3261)
     tgt.add_initiator(VOLUME, IQN + "other")
     binds = [argv for argv in recorder.argvs if "bind" in argv]
@@ -674,3 +680,12 @@ def test_tgt_passes_a_valid_initiator_as_one_argv_item(monkeypatch: pytest.Monke
             IQN + "other",
         ]
     ]
+
+
+@pytest.mark.parametrize("value", ["iqn.2010-10.org.example:a,user=admin", "iqn.2010-10.org.example:a\x00b"])
+def test_a_value_tgtd_would_split_is_never_sent_on_its_socket(value: str) -> None:
+    """tgtd reads a request's text as comma-separated name=value pairs, with no quoting: the target's own check
+    comes first (initiator names, CHAP values), and the socket client refuses such a value whatever sends it."""
+    argv = ["tgtadm", "-C", "3261", "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-Q", value]
+    with pytest.raises(BackendError, match="not sent to tgtd: a tgtadm value with a comma or a NUL"):
+        tgt_socket.run(argv)

@@ -41,9 +41,9 @@ def tgtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TgtDaemon]:
 
 
 @pytest.fixture
-def tgt(tgtd: TgtDaemon) -> Iterator[TgtTarget]:
-    """A TgtTarget on the private daemon, which is emptied after each test."""
-    yield TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+def clean_tgtd(tgtd: TgtDaemon) -> Iterator[TgtDaemon]:
+    """The private daemon, emptied after the test (and started again if the test left it stopped)."""
+    yield tgtd
     if tgtd.proc is not None and not tgtd.alive():
         # tgtd has crashed on sequences of tgtadm calls before: that is a failure of the test that did it
         why = f"exit status {tgtd.proc.returncode} (negative: killed by that signal); log: {tgtd.log_tail(2)}"
@@ -52,6 +52,13 @@ def tgt(tgtd: TgtDaemon) -> Iterator[TgtTarget]:
     if tgtd.proc is None:
         tgtd.start()  # a test stopped it and failed before starting it again
     tgtd.clear()
+
+
+@pytest.fixture(params=["socket", "tgtadm"])
+def tgt(clean_tgtd: TgtDaemon, request: pytest.FixtureRequest) -> TgtTarget:
+    """A TgtTarget on the private daemon, which is emptied after each test; each test runs with tgtadm's
+    requests sent on tgtd's socket by the target itself (the default) and with the tgtadm command."""
+    return TgtTarget(IQN_PREFIX, clean_tgtd.portal, clean_tgtd.control_port, control=request.param)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from app.backends.targets.tgt import TgtTarget, TgtTargetView, parse_targets
+from app.backends.targets.tgt import TgtTargetView, parse_targets
 from tests.conftest import ROOT, LiveCaller, Server, start_server, stop_server
 from tests.storage.tgtd import IQN_PREFIX, TgtDaemon, readcapacity
 
@@ -148,8 +148,8 @@ def shared_stack(tgtd: TgtDaemon, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 @pytest.fixture
-def stack(shared_stack: Stack, tgt: TgtTarget) -> Iterator[Stack]:
-    """The shared server, with tgtd emptied after the test (by `tgt`); each test works in a project of its own."""
+def stack(shared_stack: Stack, clean_tgtd: TgtDaemon) -> Iterator[Stack]:
+    """The shared server, with tgtd emptied after the test; each test works in a project of its own."""
     if shared_stack.server is None or shared_stack.server.process.poll() is not None:
         shared_stack.stop()
         shared_stack.start()
@@ -165,12 +165,12 @@ def api(stack: Stack) -> Caller:
 
 
 @pytest.fixture
-def launch(tgt: TgtTarget, tgtd: TgtDaemon, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+def launch(clean_tgtd: TgtDaemon, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
     """A server of the test's own (its own database and settings); stopped even when the test fails."""
     stacks: list[Stack] = []
 
     def go(**env: str) -> Stack:
-        stack = Stack(tmp_path, tgtd, env)
+        stack = Stack(tmp_path, clean_tgtd, env)
         stacks.append(stack)
         stack.start()
         return stack
@@ -425,8 +425,9 @@ def test_legacy_attach_and_detach_on_tgt(api: Caller, tgtd: TgtDaemon) -> None:
 # -- 5. secrets never in the logs -----------------------------------------------------------------------------
 
 
-def test_the_chap_secret_never_reaches_the_server_log(launch: Callable[..., Stack]) -> None:
-    stack = launch(TETHER_LOG_LEVEL="DEBUG", TETHER_LOG_JSON="1")
+@pytest.mark.parametrize("control", ["socket", "tgtadm"])
+def test_the_chap_secret_never_reaches_the_server_log(launch: Callable[..., Stack], control: str) -> None:
+    stack = launch(TETHER_LOG_LEVEL="DEBUG", TETHER_LOG_JSON="1", TETHER_TGT_CONTROL=control)
     assert stack.server is not None
     api, log = stack.caller(new_project()), stack.server.log
     volume = api.create_volume()
@@ -440,11 +441,14 @@ def test_the_chap_secret_never_reaches_the_server_log(launch: Callable[..., Stac
 
     text = log.read_text(errors="replace")
     assert secret not in text
-    # ...and the log is one that would have shown it: every tgtadm command line, as JSON records
+    # ...and the log is one that would have shown it: every tgtadm request (its command line, run or sent on tgtd's
+    # socket), as JSON records
+    said = {"socket": ("app.backends.targets.tgt_socket", "sending "), "tgtadm": ("app.backends.cmd", "running ")}
+    logger, verb = said[control]
     commands = [
-        entry["message"].removeprefix("running ")
+        entry["message"].removeprefix(verb)
         for entry in (json.loads(line) for line in text.splitlines() if line.startswith("{"))
-        if entry["logger"] == "app.backends.cmd" and entry["message"].startswith("running tgtadm ")
+        if entry["logger"] == logger and entry["message"].startswith(f"{verb}tgtadm ")
     ]
     assert any("--op new --mode account" in c and c.endswith("--password ***") for c in commands), commands
     assert any("--op bind --mode target" in c and c.endswith(f"-Q {A}") for c in commands), commands

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from app.backends.targets.tgt import TgtTarget
 from tests.storage.test_e2e_tgt import A, B, Caller, Stack, assert_admits, assert_refuses, connector, targets
 from tests.storage.tgtd import TgtDaemon
 
@@ -22,8 +21,8 @@ HEADER = "Idempotency-Key"
 
 
 @pytest.fixture
-def stack(tgtd: TgtDaemon, tgt: TgtTarget, tmp_path: Path) -> Iterator[Stack]:
-    running = Stack(tmp_path, tgtd)
+def stack(clean_tgtd: TgtDaemon, tmp_path: Path) -> Iterator[Stack]:
+    running = Stack(tmp_path, clean_tgtd)
     running.start()
     try:
         yield running

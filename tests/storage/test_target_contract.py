@@ -38,7 +38,7 @@ class Harness:
     login: Login | None = None  # None: nothing a real initiator could log in to
 
 
-@pytest.fixture(params=["fake", "lio", "tgt"])
+@pytest.fixture(params=["fake", "lio", "tgt", "tgt-tgtadm"])
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     def device(volume: VolumeRef) -> str:
         return f"/dev/tether-contract/{volume.name}"
@@ -51,10 +51,13 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
 
 
 def _tgt_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
-    from tests.storage.tgtd import readcapacity
+    from app.backends.targets.tgt import TgtTarget
+    from tests.storage.tgtd import IQN_PREFIX, readcapacity
 
-    target = request.getfixturevalue("tgt")  # tests/storage/conftest.py: a TgtTarget on a private tgtd
-    daemon = request.getfixturevalue("tgtd")
+    daemon = request.getfixturevalue("clean_tgtd")  # tests/storage/conftest.py: a private tgtd
+    # tgt: tgtadm's requests on tgtd's socket (the default); tgt-tgtadm: the tgtadm command
+    control = "tgtadm" if request.param == "tgt-tgtadm" else "socket"
+    target = TgtTarget(IQN_PREFIX, daemon.portal, daemon.control_port, control=control)
 
     def sparse_file(volume: VolumeRef) -> str:
         path = tmp_path / volume.name

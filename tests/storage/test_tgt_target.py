@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 from app.backends import cmd
 from app.backends.base import BackendError, Backends, Chap, ExportState, VolumeRef
 from app.backends.operations import StorageOps
+from app.backends.targets import tgt_socket
 from app.backends.targets.tgt import TgtTarget, TgtTargetView, parse_targets
 from app.backends.volumes.file import FileVolumeStore
 from tests.storage.tgtd import IQN_PREFIX, TgtDaemon, readcapacity
@@ -178,7 +179,9 @@ def test_every_operation_repeated_leaves_the_same_state(export: Exported, tgtd: 
 
 def test_a_new_process_reexporting_keeps_the_secret_working(export: Exported, tgtd: TgtDaemon) -> None:
     export.tgt.add_initiator(export.volume, A)
-    fresh = TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+    fresh = TgtTarget(
+        iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port, control=export.tgt.control
+    )
 
     assert fresh.create_export(export.volume, export.path, export.chap) == export.info
 
@@ -198,7 +201,9 @@ def test_an_existing_account_with_another_password_is_fixed(
     old_secret = export.chap.secret
     tgt = export.tgt
     if fresh_process:
-        tgt = TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+        tgt = TgtTarget(
+            iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port, control=export.tgt.control
+        )
     export.chap = Chap(username=export.chap.username, secret=new_chap().secret)
 
     tgt.create_export(export.volume, export.path, export.chap)
@@ -251,7 +256,9 @@ def test_an_account_shared_with_another_target_is_left_alone(export: Exported, t
     assert (
         tgtd.tgtadm("--op", "bind", "--mode", "account", "--tid", "90", "--user", export.chap.username).returncode == 0
     )
-    fresh = TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+    fresh = TgtTarget(
+        iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port, control=export.tgt.control
+    )
 
     with pytest.raises(BackendError, match="also bound to tid"):
         fresh.create_export(export.volume, export.path, export.chap)
@@ -316,18 +323,26 @@ def test_parallel_exports_get_distinct_target_ids(tgt: TgtTarget, file_store: Fi
 
 @pytest.fixture
 def tgtadm_ops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """ "<op> <mode>" of every tgtadm the code under test runs from now on (the real command still runs)."""
+    """ "<op> <mode>" of every tgtadm request the code under test makes from now on (the real one still runs)."""
     ops: list[str] = []
-    real_run = cmd.run
 
-    def spy(argv: Sequence[str], **kw: Any) -> cmd.Completed:
-        words = [str(a) for a in argv]
+    def record(words: list[str]) -> None:
         if words and words[0] == "tgtadm":
             ops.append(f"{words[words.index('--op') + 1]} {words[words.index('--mode') + 1]}")
-        return real_run(argv, **kw)
 
-    monkeypatch.setattr(cmd, "run", spy)
+    spy_on_tgtadm(monkeypatch, record)
     return ops
+
+
+def spy_on_tgtadm(monkeypatch: pytest.MonkeyPatch, record: Callable[[list[str]], None]) -> None:
+    """record(argv) for every command run and every tgtadm request sent on tgtd's socket from now on."""
+    for module in (cmd, tgt_socket):
+
+        def spy(argv: Sequence[str], real: Any = module.run, **kw: Any) -> cmd.Completed:
+            record([str(a) for a in argv])
+            return real(argv, **kw)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(module, "run", spy)
 
 
 class Node:
@@ -455,7 +470,9 @@ def test_connect_from_a_process_that_has_not_seen_the_target(
     # the fresh process's guess is a free tid, so tgtd refuses its `new target` for the name alone
     for tid, iqn in ((1, "iqn.2000-01.com.other:one"), (2, "iqn.2000-01.com.other:two")):
         assert tgtd.tgtadm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", iqn).returncode == 0
-    fresh = TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+    fresh = TgtTarget(
+        iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port, control=node.tgt.control
+    )
     fresh.exports()  # it has seen tids 1 and 2 only
     exported = node.connect(A)
     assert tgtd.tgtadm("--op", "delete", "--mode", "target", "--tid", "2").returncode == 0
@@ -560,14 +577,8 @@ def test_unsafe_initiators_never_reach_tgtadm(
     export: Exported, initiator: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     export.tgt.add_initiator(export.volume, A)
-    calls: list[Sequence[str]] = []
-    real_run = cmd.run
-
-    def spy(argv: Sequence[str], **kw: Any) -> cmd.Completed:
-        calls.append(argv)
-        return real_run(argv, **kw)
-
-    monkeypatch.setattr(cmd, "run", spy)
+    calls: list[list[str]] = []
+    spy_on_tgtadm(monkeypatch, calls.append)
 
     with pytest.raises(BackendError, match="refusing initiator"):
         export.tgt.add_initiator(export.volume, initiator)
@@ -601,7 +612,9 @@ def test_create_export_refuses_odd_chap_values(tgt: TgtTarget, file_store: FileV
 
 def test_the_chap_secret_is_never_logged(export: Exported, tgtd: TgtDaemon, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    fresh = TgtTarget(iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port)
+    fresh = TgtTarget(
+        iqn_prefix=IQN_PREFIX, portal=tgtd.portal, control_port=tgtd.control_port, control=export.tgt.control
+    )
 
     fresh.create_export(export.volume, export.path, export.chap)  # re-keys: every account command runs
 

@@ -1,11 +1,12 @@
-"""iSCSI target on Linux tgt (tgtd), driven through tgtadm: one target per volume, LUN 1, CHAP and ACLs.
+"""iSCSI target on Linux tgt (tgtd), driven by tgtadm's requests: one target per volume, LUN 1, CHAP and ACLs.
 
 tgtd is the only source of truth: a call changes only what differs from what tgtd holds (as `--op show --mode
 target` reads it, or as a refusal of tgtd's proves it), so each operation is idempotent and safe to repeat
-after a crash or a tgtd restart. Each tgtadm process
-costs ~1-2 ms, nearly all of it fork and exec (tgtd answers one request in ~0.04 ms, and closes its control
-socket after each one, so there is no channel to keep open); so a node operation reads the targets at most
-once and lets tgtd's own refusals stand in for the other reads:
+after a crash or a tgtd restart. Each request is a tgtadm argv; by default this process sends it on tgtd's
+control socket itself (tgt_socket.py: ~0.05 ms), with TETHER_TGT_CONTROL=tgtadm it runs the tgtadm command
+(~1-2 ms each, nearly all of it fork and exec). tgtd closes its control socket after each request, so there is
+no channel to keep open; a node operation reads the targets at most once and lets tgtd's own refusals stand
+in for the other reads:
 - `new target` fails when the tid or the name is taken, so when this process has not seen the volume's
   target it creates it first, and a success proves the target new and empty (no listing at all);
 - `new account` fails when the user exists, and only then is it deleted and made again (no `show account`);
@@ -31,6 +32,7 @@ from typing import Any
 from app.backends import cmd
 from app.backends.base import BackendError, Chap, ExportInfo, ExportState, VolumeRef
 from app.backends.connectors import valid_initiator, validate_iscsi_connector
+from app.backends.targets import tgt_socket
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +129,15 @@ def _free_tid(used: Iterable[int]) -> int:
 class TgtTarget:
     name = "tgt"
 
-    def __init__(self, iqn_prefix: str, portal: str, control_port: int | None = None) -> None:
+    def __init__(self, iqn_prefix: str, portal: str, control_port: int | None = None, control: str = "socket") -> None:
+        """`control`: "socket" sends tgtadm's requests on tgtd's control socket from this process, "tgtadm" runs
+        the command."""
+        if control not in ("socket", "tgtadm"):
+            raise ValueError(f"unknown tgt control {control!r}")
         self.iqn_prefix = iqn_prefix
         self.portal = portal
         self.control_port = control_port
+        self.control = control
         # tids are chosen by reading then creating; two volumes exported at once must not pick the same one
         self._create_lock = threading.Lock()
         # tgtd never shows a password, so remember (as digests) the ones this process set; an account
@@ -271,7 +278,7 @@ class TgtTarget:
         secrets: Sequence[str] = (),
         timeout: float = TIMEOUT,
     ) -> cmd.Completed:
-        """Run `tgtadm --op <op> --mode <mode>`; a refusal whose message is in `ok` means "already so"."""
+        """`tgtadm --op <op> --mode <mode>`, sent or run; a refusal whose message is in `ok` means "already so"."""
         argv = ["tgtadm"]
         if self.control_port is not None:
             argv += ["-C", str(self.control_port)]
@@ -280,6 +287,8 @@ class TgtTarget:
             argv += ["--tid", str(tid)]
         argv += args
         try:
+            if self.control == "socket":
+                return tgt_socket.run(argv, timeout=timeout, secrets=secrets)
             return cmd.run(argv, timeout=timeout, secrets=secrets)
         except cmd.CommandFailed as exc:
             if any(message in exc.stderr for message in ok):
