@@ -145,8 +145,17 @@ class Heartbeat:
         self._soon.set()
 
     async def beat(self) -> None:
+        """The row, with the pool's capacity as read now, or as last known when the read fails or waits longer
+        than one heartbeat: it runs in the storage's thread pool, which long storage work may fill (volumes
+        being zeroed on delete), and a node whose storage is busy is not down."""
         try:
-            self.capacity = await self.node.call(None, "capacity", ())
+            async with asyncio.timeout(self.settings.node_heartbeat):
+                self.capacity = await self.node.call(None, "capacity", ())
+        except TimeoutError:
+            log.warning(
+                "the pool's capacity was not read within %g s (the storage workers are busy): it stays as last read",
+                self.settings.node_heartbeat,
+            )
         except BackendError as error:  # the last capacity known stays in the row
             log.error("reading the pool's capacity failed: %s", error)
         await self.nodes.heartbeat(node_row(self.settings, self.capacity))
