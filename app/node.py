@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.backends.base import BackendError, Backends, Capacity
-from app.backends.dispatch import Dispatcher
+from app.backends.dispatch import Dispatcher, LockTimeout
 from app.backends.factory import build_backends
 from app.backends.operations import NAMES, StorageOps
 from app.config import Settings
@@ -195,6 +195,7 @@ class NodeAgent:
         locks = cross_process_locks(db, True)
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         storage = local_storage(settings, db, dispatcher, self.secrets)
+        storage.nodes.stopping = self.stopping  # its lock waits end when it is told to stop
         self.storage = storage
         self.db = db
         self.metrics.watch(dispatcher)
@@ -417,7 +418,7 @@ class NodeAgent:
             key = args[0].id if args and hasattr(args[0], "id") else None
             result = await self.storage.node.call(key, op, args)
             return True, self.codec.encode(result)
-        except BackendError as error:
+        except (BackendError, LockTimeout) as error:  # LockTimeout: a volume busy too long, or this node stopping
             log.error("%s failed: %s", op, error)
             return False, str(error)
         except Exception as error:  # a job never dies unanswered: its caller would wait for the deadline

@@ -11,6 +11,7 @@ initiator)` runs a named operation (app/backends/operations.py) on the volume's 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
@@ -51,6 +52,15 @@ _LOCK_LOOK = 1.0
 # create then counts the volume this one placed (racing creates each saw the same free space and all took it)
 _PLACEMENT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 _PLACEMENT_KEY = advisory_key("tether.placement")
+
+
+class NodeStopping(LockTimeout):
+    """This node was told to stop while a job waited for a volume's lock: the job ends; a reconcile after the
+    restart settles the volume."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key, 0)
+        self.args = (f"the node is stopping: {key} was not worked on; its reconcile after the restart settles it",)
 
 
 class NodeUnavailable(ServiceUnavailable):
@@ -231,6 +241,8 @@ class Nodes:
         self._hosts: OrderedDict[str, str] = OrderedDict()
         self._remote: dict[str, RemoteNode] = {}
         self._state: tuple[float, dict[str, Service]] = (0.0, {})
+        # a `tether node`'s: set once it is told to stop (its lock waits end then)
+        self.stopping: asyncio.Event | None = None
 
     @property
     def embedded(self) -> bool:
@@ -248,18 +260,26 @@ class Nodes:
         """The volume's lock, waited for at most lock_timeout. In remote mode a lock still busy after a second has
         the volume's node looked at, every second: a node that hung while it held the volume (stopped mid-job:
         its connection, and PostgreSQL's lock with it, lives on) would hold it until lock_timeout, and what waits
-        here needs that node anyway, so a down node is a 503 now (a 409 after two minutes before)."""
-        if self.local is not None:
+        here needs that node anyway, so a down node is a 503 now (a 409 after two minutes before).
+
+        On a node (`stopping` set), a wait ends with NodeStopping within a second of the node's SIGTERM: whoever
+        holds the lock may be an API request waiting for a job of this node, which a stopping node no longer
+        fetches, and the node would wait for the job that waits here (a reconcile) until it is killed."""
+        if self.local is not None and self.stopping is None:
             return await stack.enter_async_context(self.dispatcher.hold(volume_id, wait))
-        limit = self.dispatcher.lock_timeout
+        limit = self.dispatcher.lock_timeout if wait is None else wait
         deadline = None if limit is None else time.monotonic() + limit
         while True:
+            if self.stopping is not None and self.stopping.is_set():
+                raise NodeStopping(volume_id)
             step = _LOCK_LOOK if deadline is None else max(0.0, min(_LOCK_LOOK, deadline - time.monotonic()))
             try:
                 return await stack.enter_async_context(self.dispatcher.hold(volume_id, step))
             except LockTimeout:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise LockTimeout(volume_id, limit or 0) from None
+            if self.local is not None:
+                continue
             try:
                 await self.node_of(volume_id)
             except NodeUnavailable:

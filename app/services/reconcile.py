@@ -23,7 +23,7 @@ from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, Volu
 from app.secrets import SEALED, SecretBox
 from app.services import idempotency
 from app.services.connections import chap_of, provider_auth
-from app.services.nodes import NodeRunner, Nodes
+from app.services.nodes import NodeRunner, Nodes, NodeStopping
 from app.services.transitions import CONNECTED, lock_volume, recompute_volume
 from app.services.volumes import remove_deleted
 
@@ -98,6 +98,8 @@ class Reconciler:
                     else:
                         await self._finish_delete(run, ref, report, final=True)
                 break
+            except NodeStopping:
+                raise
             except LockTimeout:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
@@ -164,6 +166,9 @@ class Reconciler:
                         await self._finish_create(run, VolumeRef(id=volume_id, size_gb=size), report)
                     else:
                         await self._finish_delete(run, VolumeRef(id=volume_id, size_gb=size), report)
+            except LockTimeout as error:  # busy past lock_timeout, or this node is stopping: the next reconcile
+                log.warning("reconcile: volume %s: %s", volume_id, error)
+                report.errors.append(f"volume {volume_id}")
             except Exception as error:  # one bad row never stops the rest (nor a worker's start)
                 log.exception("reconcile: volume %s: %s", volume_id, error)
                 report.errors.append(f"volume {volume_id}")
@@ -245,6 +250,9 @@ class Reconciler:
         for attachment_id, volume_id in rows:
             try:
                 await self._roll_back(attachment_id, volume_id, report)
+            except LockTimeout as error:
+                log.warning("reconcile: attachment %s: %s", attachment_id, error)
+                report.errors.append(f"attachment {attachment_id}")
             except Exception as error:  # one bad row never stops the rest
                 log.exception("reconcile: attachment %s: %s", attachment_id, error)
                 report.errors.append(f"attachment {attachment_id}")
@@ -341,7 +349,7 @@ class Reconciler:
                         await self._restore(run, want, have, report)
                     elif have is not None:
                         await self._remove(run, have, report)
-            except BackendError as error:
+            except (BackendError, LockTimeout) as error:
                 log.error("reconcile: making the export of volume %s match failed: %s", volume_id, error)
                 report.errors.append(f"export {volume_id}")
             except Exception as error:  # one bad row (a CHAP secret that cannot be read, …) never stops the rest

@@ -1,5 +1,6 @@
-"""A node's volume job (finish_create, finish_delete) waiting for its volume's lock, on PostgreSQL (the lock spans
-processes): once the volume's status has moved on, the job ends without the lock.
+"""A node's work waiting for a volume's lock, on PostgreSQL (the lock spans processes): a volume job
+(finish_create, finish_delete) ends without the lock once the volume's status has moved on, and any wait ends
+when the node is told to stop.
 
 Whoever moved it may hold the lock and wait for its own next job of that volume: an admin's os-reset_status to
 `available`/`detached` commits the status under the lock, then drops the export as a job on the volume's queue,
@@ -18,7 +19,7 @@ from sqlalchemy import select, update
 
 from app.backends.base import VolumeRef
 from app.db.locks import AdvisoryLocks
-from app.db.models import Volume, VolumeStatus
+from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus
 from tests.conftest import Api
 
 pytestmark = pytest.mark.postgres
@@ -65,4 +66,37 @@ async def test_a_volume_job_whose_volume_moved_on_while_it_waited_for_the_lock_e
         assert await status_of(api, volume["id"]) == VolumeStatus.AVAILABLE
         assert (await api.get(f"/volumes/{volume['id']}")).status_code == 200  # nothing was deleted
     finally:
+        await other.close()
+
+
+async def test_a_reconcile_waiting_for_a_volumes_lock_ends_when_the_node_is_told_to_stop(
+    api: Api, postgres_url: str
+) -> None:
+    """A `tether node` told to stop lets its running jobs end, and fetches no more. A reconcile job waiting for a
+    volume's lock held by an API request that waits for a job of this node (which it no longer fetches) never
+    ended: the node did not stop until it was killed (20 s in the torture across nodes). The wait ends at once
+    on the node's SIGTERM; the reconcile reports the volume, and the one after the restart settles it."""
+    volume = await api.create_volume()
+    reserved = await api.post("/attachments", {"attachment": {"volume_uuid": volume["id"]}})
+    attachment_id = reserved.json()["attachment"]["id"]
+    async with api.app.state.db.write() as session:  # a connect cut short: attaching, no connection_info
+        await session.execute(
+            update(Attachment).where(Attachment.id == attachment_id).values(attach_status=AttachStatus.ATTACHING)  # type: ignore[arg-type]
+        )
+    nodes = api.app.state.nodes
+    nodes.stopping = asyncio.Event()
+    other = AdvisoryLocks(postgres_url)  # an API worker's connect, waiting for its job
+    try:
+        async with other.hold(volume["id"]):
+            reconcile = asyncio.create_task(api.app.state.reconciler.run())
+            await asyncio.sleep(0.3)
+            assert not reconcile.done(), "the reconcile did not wait for the lock another process holds"
+            nodes.stopping.set()  # SIGTERM
+            report = await asyncio.wait_for(reconcile, 5)  # before: it waited until lock_timeout
+            assert report.errors == [f"attachment {attachment_id}"]
+        async with api.app.state.db.read() as session:
+            status = await session.scalar(select(Attachment.attach_status).where(Attachment.id == attachment_id))  # type: ignore[arg-type]
+        assert status == AttachStatus.ATTACHING  # left for the reconcile after the restart
+    finally:
+        nodes.stopping = None
         await other.close()
