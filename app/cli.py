@@ -7,10 +7,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
 from app.services.status import StatusReport
+
+if TYPE_CHECKING:
+    from app.services.nodes import Nodes
 
 
 class CLIError(Exception):
@@ -236,10 +239,8 @@ def _reconcile(_args: argparse.Namespace) -> int:
 
 def _reconcile_remote(settings: Settings) -> int:
     """A reconcile job for every up node, and their reports; this process builds no backend."""
-    from app.backends.base import BackendError
     from app.backends.dispatch import Dispatcher
     from app.db.engine import Database
-    from app.errors import ServiceUnavailable
     from app.queue import JobQueue
     from app.secrets import SecretBox
     from app.services.nodes import Nodes
@@ -251,32 +252,44 @@ def _reconcile_remote(settings: Settings) -> int:
         nodes = Nodes(
             db, Dispatcher(1), queue=queue, timeout=settings.node_timeout, down_time=settings.service_down_time
         )
-        failed = 0
         try:
-            services = await nodes.services(fresh=True)
-            if not services:
-                print("no storage node is registered", file=sys.stderr)
-            for name in sorted(services):
-                if not nodes.is_up(services[name]):
-                    print(f"node {name}: down, not reconciled")
-                    failed += 1
-                    continue
-                try:
-                    report = await (await nodes.node_named(name)).reconcile()
-                except (BackendError, ServiceUnavailable) as error:
-                    print(f"node {name}: reconcile failed: {error}")
-                    failed += 1
-                    continue
-                print(f"node {name}:")
-                for key, value in report.items():
-                    print(f"  {key}: {len(value)}" + (f" {value}" if value else ""))
-                failed += bool(report.get("errors"))
+            return await reconcile_nodes(nodes)
         finally:
             await queue.close()
             await db.dispose()
-        return 1 if failed else 0
 
     return asyncio.run(go())
+
+
+async def reconcile_nodes(nodes: Nodes) -> int:
+    """Each registered node in turn: its reconcile job's report, or why not; 1 when one is down or failed.
+
+    Whether a node is up is read again right before its turn: a reconcile before it may take long (one that waits
+    for busy volumes), and a heartbeat read at the start would by then be older than the down time."""
+    from app.backends.base import BackendError
+    from app.errors import ServiceUnavailable
+
+    failed = 0
+    names = sorted(await nodes.services(fresh=True))
+    if not names:
+        print("no storage node is registered", file=sys.stderr)
+    for name in names:
+        service = (await nodes.services(fresh=True)).get(name)
+        if service is None or not nodes.is_up(service):
+            print(f"node {name}: down, not reconciled")
+            failed += 1
+            continue
+        try:
+            report = await (await nodes.node_named(name)).reconcile()
+        except (BackendError, ServiceUnavailable) as error:
+            print(f"node {name}: reconcile failed: {error}")
+            failed += 1
+            continue
+        print(f"node {name}:")
+        for key, value in report.items():
+            print(f"  {key}: {len(value)}" + (f" {value}" if value else ""))
+        failed += bool(report.get("errors"))
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

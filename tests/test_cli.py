@@ -1,15 +1,24 @@
 """The `tether` command as an operator meets it: help everywhere, one-line errors, status."""
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from app.cli import build_parser
+from app.backends.dispatch import Dispatcher
+from app.cli import build_parser, reconcile_nodes
+from app.db.engine import Database
+from app.queue import JobQueue
+from app.secrets import SecretBox
+from app.services.nodes import Nodes, RemoteNode, node_row
 
 TETHER = str(Path(sys.executable).parent / "tether")
 
@@ -162,3 +171,62 @@ def test_status_lists_the_embedded_node(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     # no server has run yet: nothing registered (a running server's node appears with its heartbeat)
     assert "nodes (embedded): 0 registered" in result.stdout
+
+
+@pytest.mark.postgres
+async def test_remote_reconcile_judges_each_node_by_its_heartbeat_at_its_turn(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tether reconcile` in remote mode, node after node: a first node's reconcile that takes longer than the
+    down time must not make the next one look down. It did (the heartbeats were read once, at the start): the
+    torture across nodes saw `node node-b: down, not reconciled` with node-b beating every second."""
+    db = Database(postgres_url)
+    nodes = Nodes(db, Dispatcher(1), queue=JobQueue(postgres_url, SecretBox(None)), down_time=1.0)
+    names = [f"cli-{uuid.uuid4().hex[:8]}-{n}" for n in "ab"]
+
+    async def beat(name: str) -> None:
+        await nodes.heartbeat(node_row(SimpleNamespace(**ROW, node_name=name), None))
+
+    async def slow_reconcile(node: RemoteNode) -> dict[str, list[str]]:  # the first node's takes 2.5 down times
+        if node.name == names[0]:
+            await asyncio.sleep(2.5)
+        return {"errors": []}
+
+    async def second_beats() -> None:
+        while True:
+            await beat(names[1])
+            await asyncio.sleep(0.2)
+
+    monkeypatch.setattr(RemoteNode, "reconcile", slow_reconcile)
+    monkeypatch.setattr(nodes, "services", only_these(nodes.services, names))
+    await beat(names[0])
+    beating = asyncio.create_task(second_beats())
+    try:
+        await asyncio.sleep(0.1)
+        assert await reconcile_nodes(nodes) == 0
+    finally:
+        beating.cancel()
+        await db.dispose()
+    out = capsys.readouterr().out
+    assert f"node {names[1]}:\n  errors: 0" in out, out
+    assert "down" not in out, out
+
+
+ROW = {
+    "backend_name": "default",
+    "pool_name": "default",
+    "availability_zone": "nova",
+    "target_portal": "127.0.0.1:3260",
+    "volume_backend": "fake",
+    "target": "fake",
+    "lvm_type": "thick",
+}
+
+
+def only_these(services: Any, names: list[str]) -> Any:
+    """nodes.services, restricted to this test's nodes (the session's database has other tests' rows)."""
+
+    async def read(*, fresh: bool = False) -> dict[str, Any]:
+        return {name: row for name, row in (await services(fresh=fresh)).items() if name in names}
+
+    return read
