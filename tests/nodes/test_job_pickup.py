@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from app.backends.base import VolumeRef
 from app.db.engine import Database
@@ -97,25 +98,37 @@ async def test_a_volumes_next_job_deferred_as_its_last_one_ends_starts_at_once(r
 async def test_a_nodes_reconcile_jobs_run_one_at_a_time(slow_fake_node: Cluster, remote: RemoteNode) -> None:
     """`tether reconcile` run several times at once: the node runs their jobs one after the other. A reconcile
     waits for the lock of each volume it changes, and reconciles that all ran at once could take every one of the
-    node's job slots while the holders of those locks (a connect, a reset) each waited for a job of their own."""
+    node's job slots while the holders of those locks (a connect, a reset) each waited for a job of their own.
+    Here a volume of node-q is left `creating` and its lock is held by the test: each reconcile waits for it."""
     import asyncpg
 
-    from app.db.locks import asyncpg_dsn
+    from app.db.locks import AdvisoryLocks, asyncpg_dsn
+    from app.db.models import Volume, VolumeStatus
 
     await timed(remote, "warm-up", "capacity")
+    async with remote.db.write() as session:
+        volume = Volume(
+            project_id="p", user_id="u", size=1, status=VolumeStatus.CREATING, host="node-q@default#default"
+        )
+        session.add(volume)
+    holder = AdvisoryLocks(slow_fake_node.database_url)
     watcher = await asyncpg.connect(asyncpg_dsn(slow_fake_node.database_url))
     most = 0
     try:
-        calls = [asyncio.create_task(remote.reconcile()) for _ in range(5)]  # node-q runs 4 jobs at once
-        while not all(call.done() for call in calls):
-            doing = await watcher.fetchval(
-                "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = 'node.node-q' AND status = 'doing'"
-                " AND args -> 'job' ->> 'op' = 'reconcile'"
-            )
-            most = max(most, doing)
-            await asyncio.sleep(0.05)
-        reports = await asyncio.gather(*calls)
+        async with holder.hold(volume.id):
+            calls = [asyncio.create_task(remote.reconcile()) for _ in range(5)]  # node-q runs 4 jobs at once
+            for _ in range(30):  # 1.5 s: every reconcile that has started waits for the volume
+                doing = await watcher.fetchval(
+                    "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = 'node.node-q' AND status = 'doing'"
+                    " AND args -> 'job' ->> 'op' = 'reconcile'"
+                )
+                most = max(most, doing)
+                await asyncio.sleep(0.05)
+        await asyncio.gather(*calls)
+        async with remote.db.read() as session:
+            status = await session.scalar(select(Volume.status).where(Volume.id == volume.id))  # type: ignore[arg-type]
     finally:
         await watcher.close()
-    assert all(report["errors"] == [] for report in reports)
+        await holder.close()
     assert most == 1, f"{most} reconcile jobs ran at once on one node"
+    assert status == VolumeStatus.AVAILABLE  # the first reconcile to get the volume finished its create
