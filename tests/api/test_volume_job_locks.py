@@ -12,6 +12,7 @@ across nodes saw a node take more than 20 s to stop).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,15 +20,20 @@ from sqlalchemy import select, update
 
 from app.backends.base import VolumeRef
 from app.db.locks import AdvisoryLocks
+from app.db.migrate import upgrade
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus
-from tests.conftest import Api
+from tests.conftest import Api, drop_pg_database, new_pg_database
 
 pytestmark = pytest.mark.postgres
 
 
-@pytest.fixture
-def database_url(postgres_url: str) -> str:
-    return postgres_url
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    """A database of this module's own: a reconcile looks at every volume there is (an embedded node's)."""
+    url = new_pg_database()
+    upgrade(url)
+    yield url
+    drop_pg_database(url)
 
 
 @pytest.fixture
@@ -49,11 +55,11 @@ async def status_of(api: Api, volume_id: str) -> str | None:
     ("op", "waiting"), [("finish_delete", VolumeStatus.DELETING), ("finish_create", VolumeStatus.CREATING)]
 )
 async def test_a_volume_job_whose_volume_moved_on_while_it_waited_for_the_lock_ends_without_it(
-    api: Api, postgres_url: str, op: str, waiting: VolumeStatus
+    api: Api, database_url: str, op: str, waiting: VolumeStatus
 ) -> None:
     volume = await api.create_volume()
     await set_status(api, volume["id"], waiting)  # as the API left it, and the job was deferred
-    other = AdvisoryLocks(postgres_url)  # another process: an admin's os-reset_status in another API worker
+    other = AdvisoryLocks(database_url)  # another process: an admin's os-reset_status in another API worker
     try:
         async with other.hold(volume["id"]):
             job = asyncio.create_task(api.app.state.reconciler.sequence(op, (VolumeRef(id=volume["id"], size_gb=1),)))
@@ -70,7 +76,7 @@ async def test_a_volume_job_whose_volume_moved_on_while_it_waited_for_the_lock_e
 
 
 async def test_a_reconcile_waiting_for_a_volumes_lock_ends_when_the_node_is_told_to_stop(
-    api: Api, postgres_url: str
+    api: Api, database_url: str
 ) -> None:
     """A `tether node` told to stop lets its running jobs end, and fetches no more. A reconcile job waiting for a
     volume's lock held by an API request that waits for a job of this node (which it no longer fetches) never
@@ -85,7 +91,7 @@ async def test_a_reconcile_waiting_for_a_volumes_lock_ends_when_the_node_is_told
         )
     nodes = api.app.state.nodes
     nodes.stopping = asyncio.Event()
-    other = AdvisoryLocks(postgres_url)  # an API worker's connect, waiting for its job
+    other = AdvisoryLocks(database_url)  # an API worker's connect, waiting for its job
     try:
         async with other.hold(volume["id"]):
             reconcile = asyncio.create_task(api.app.state.reconciler.run())
