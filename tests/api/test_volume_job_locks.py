@@ -20,9 +20,8 @@ from sqlalchemy import select, update
 
 from app.backends.base import VolumeRef
 from app.db.locks import AdvisoryLocks
-from app.db.migrate import upgrade
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus
-from tests.conftest import Api, drop_pg_database, new_pg_database
+from tests.conftest import Api, migrated_pg_database
 
 pytestmark = pytest.mark.postgres
 
@@ -30,10 +29,8 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture(scope="module")
 def database_url() -> Iterator[str]:
     """A database of this module's own: a reconcile looks at every volume there is (an embedded node's)."""
-    url = new_pg_database()
-    upgrade(url)
-    yield url
-    drop_pg_database(url)
+    with migrated_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
