@@ -63,6 +63,14 @@ class NodeStopping(LockTimeout):
         self.args = (f"the node is stopping: {key} was not worked on; its reconcile after the restart settles it",)
 
 
+class Unwanted(Exception):
+    """The work that waited for a volume's lock is no longer wanted (what `exclusive(wanted=...)` was told)."""
+
+
+# asked while a volume's lock is waited for: is the work still wanted?
+Wanted = Callable[[], Awaitable[bool]]
+
+
 class NodeUnavailable(ServiceUnavailable):
     def __init__(self, node: str, why: str = "is down") -> None:
         super().__init__(f"Storage node {node} {why}; try again later.")
@@ -249,14 +257,15 @@ class Nodes:
         return self.local is not None
 
     @asynccontextmanager
-    async def exclusive(self, volume_id: str, wait: float | None = None) -> AsyncIterator[NodeRunner]:
+    async def exclusive(self, volume_id: str, wanted: Wanted | None = None) -> AsyncIterator[NodeRunner]:
         """Hold the volume (across every process sharing the database) for a sequence of state changes and
-        storage operations; LockTimeout after `wait` s (on a node; lock_timeout when None)."""
+        storage operations. `wanted`: asked before the first try and then every second of the wait; when it
+        says no, the wait ends with Unwanted."""
         async with AsyncExitStack() as stack:
-            lease = await self._acquire(stack, volume_id, wait)
+            lease = await self._acquire(stack, volume_id, wanted)
             yield NodeRunner(self, volume_id, lease)
 
-    async def _acquire(self, stack: AsyncExitStack, volume_id: str, wait: float | None = None) -> Lease | None:
+    async def _acquire(self, stack: AsyncExitStack, volume_id: str, wanted: Wanted | None = None) -> Lease | None:
         """The volume's lock, waited for at most lock_timeout. In remote mode a lock still busy after a second has
         the volume's node looked at, every second: a node that hung while it held the volume (stopped mid-job:
         its connection, and PostgreSQL's lock with it, lives on) would hold it until lock_timeout, and what waits
@@ -265,13 +274,15 @@ class Nodes:
         On a node (`stopping` set), a wait ends with NodeStopping within a second of the node's SIGTERM: whoever
         holds the lock may be an API request waiting for a job of this node, which a stopping node no longer
         fetches, and the node would wait for the job that waits here (a reconcile) until it is killed."""
-        if self.local is not None and self.stopping is None:
-            return await stack.enter_async_context(self.dispatcher.hold(volume_id, wait))
-        limit = self.dispatcher.lock_timeout if wait is None else wait
+        if self.local is not None and self.stopping is None and wanted is None:
+            return await stack.enter_async_context(self.dispatcher.hold(volume_id))
+        limit = self.dispatcher.lock_timeout
         deadline = None if limit is None else time.monotonic() + limit
         while True:
             if self.stopping is not None and self.stopping.is_set():
                 raise NodeStopping(volume_id)
+            if wanted is not None and not await wanted():
+                raise Unwanted(volume_id)
             step = _LOCK_LOOK if deadline is None else max(0.0, min(_LOCK_LOOK, deadline - time.monotonic()))
             try:
                 return await stack.enter_async_context(self.dispatcher.hold(volume_id, step))

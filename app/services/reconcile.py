@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,13 +22,11 @@ from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, Volu
 from app.secrets import SEALED, SecretBox
 from app.services import idempotency
 from app.services.connections import chap_of, provider_auth
-from app.services.nodes import NodeRunner, Nodes, NodeStopping
+from app.services.nodes import NodeRunner, Nodes, Unwanted
 from app.services.transitions import CONNECTED, lock_volume, recompute_volume
 from app.services.volumes import remove_deleted
 
 log = logging.getLogger("tether.reconcile")
-# seconds a volume job waits for its volume's lock before it looks at the volume's status again
-_STATUS_LOOK = 0.5
 
 
 @dataclass
@@ -78,31 +75,25 @@ class Reconciler:
         (ref,) = args
         report = ReconcileReport()
         waiting_for = VolumeStatus.CREATING if op == "finish_create" else VolumeStatus.DELETING
-        limit = self.nodes.dispatcher.lock_timeout
-        deadline = None if limit is None else time.monotonic() + limit
-        while True:
-            # settled already (this node's reconcile finished it while the job waited in the queue, or an admin
-            # moved it): nothing to do, and no lock to wait for. Whoever holds the volume's lock now may be waiting
-            # for its own next job of this volume (an admin's os-reset_status that moved it, then drops its
-            # export), which the queue runs only after this one (one volume's jobs run in order): waiting here
-            # for the lock stopped both until that caller's TETHER_NODE_TIMEOUT. So the status is looked at
-            # again every _STATUS_LOOK s of the wait
+
+        async def unsettled() -> bool:
+            """Whether the volume still waits for this job. One settled already (this node's reconcile finished it
+            while the job waited in the queue, or an admin moved it) needs nothing, and no lock waited for: whoever
+            holds its lock may be waiting for its own next job of this volume (an admin's os-reset_status that
+            moved it, then drops its export), which the queue runs only after this one (one volume's jobs run in
+            order), and waiting on for the lock stopped both until that caller's TETHER_NODE_TIMEOUT. So it is
+            asked again while the job waits."""
             async with self.db.read() as session:
-                if await session.scalar(select(Volume.status).where(Volume.id == ref.id)) != waiting_for:  # type: ignore[arg-type]
-                    return None
-            step = _STATUS_LOOK if deadline is None else max(0.0, min(_STATUS_LOOK, deadline - time.monotonic()))
-            try:
-                async with self.nodes.exclusive(ref.id, step) as run:
-                    if op == "finish_create":
-                        await self._finish_create(run, ref, report)
-                    else:
-                        await self._finish_delete(run, ref, report, final=True)
-                break
-            except NodeStopping:
-                raise
-            except LockTimeout:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
+                return await session.scalar(select(Volume.status).where(Volume.id == ref.id)) == waiting_for  # type: ignore[arg-type]
+
+        try:
+            async with self.nodes.exclusive(ref.id, unsettled) as run:
+                if op == "finish_create":
+                    await self._finish_create(run, ref, report)
+                else:
+                    await self._finish_delete(run, ref, report, final=True)
+        except Unwanted:
+            return None
         if self.on_change is not None and (report.volumes_created or report.volumes_deleted):
             self.on_change()
         return None
