@@ -14,9 +14,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 from sqlalchemy import bindparam, select, update
 
 from app.db.engine import Database
+from app.db.locks import asyncpg_dsn
 from app.db.models import Volume, utcnow
 
 VOLUMES: Any = Volume.__table__
@@ -77,6 +79,24 @@ async def main(db_url: str, repeat: int) -> None:
             await session.execute(core_select, key)
 
     await cost("read session (autocommit) with one Core select", read_one, repeat)
+
+    autocommit = db.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def core_connection() -> None:
+        async with autocommit.connect() as connection:
+            await connection.execute(core_select, key)
+
+    await cost("Core connection from the pool (autocommit) with one Core select", core_connection, repeat)
+
+    async def driver_of_pooled() -> None:
+        async with autocommit.connect() as connection:
+            driver = (await connection.get_raw_connection()).driver_connection
+            await driver.fetchrow("SELECT * FROM volumes WHERE id = $1", volume.id)
+
+    await cost("asyncpg fetchrow on a connection of SQLAlchemy's pool", driver_of_pooled, repeat)
+    pool = await asyncpg.create_pool(asyncpg_dsn(db_url), min_size=1, max_size=2)
+    await cost("asyncpg pool fetchrow", lambda: pool.fetchrow("SELECT * FROM volumes WHERE id = $1", volume.id), repeat)
+    await pool.close()
     await db.dispose()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -45,6 +46,14 @@ def database_unavailable(error: BaseException) -> bool:
         orig = getattr(current, "orig", None)
         current = current.__cause__ or (orig if isinstance(orig, BaseException) else None) or current.__context__
     return False
+
+
+def _driver_broke(error: BaseException) -> bool:
+    """asyncpg's word that an operation was cut off mid-way (the protocol state a server that went away leaves
+    behind), which SQLAlchemy's session would have told as a disconnect."""
+    import asyncpg
+
+    return isinstance(error, asyncpg.InternalClientError)
 
 
 @asynccontextmanager
@@ -99,6 +108,7 @@ class Database:
         # PostgreSQL reads run in autocommit: no BEGIN/COMMIT round trips; each statement sees committed data
         reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._readers = async_sessionmaker(reader, expire_on_commit=False, autoflush=False)
+        self._autocommit_engine = reader
         # Admission for write transactions: a burst of state changes queues here, holding nothing, instead of
         # interleaving dozens of transactions on the event loop, which is what made concurrent reads slow.
         # Reads are never held back. A task waits here before BEGIN, so it holds no row lock while it waits.
@@ -138,6 +148,31 @@ class Database:
             return
         async with self._admitted(), _reachable(), self._readers() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def statements(self, *, write: bool) -> AsyncIterator[AsyncSession | Any]:
+        """Where app/db/prepared.py's statements run, each by itself. PostgreSQL: the asyncpg connection of a
+        pooled connection, each statement committed on its own (as in autocommit()); a write takes a write slot.
+        A connection that failed under it is invalidated, not returned to the pool. SQLite: a session, in a write
+        transaction or a read."""
+        if self.is_sqlite:
+            async with self.write() if write else self.read() as session:
+                yield session
+            return
+        async with (
+            self._admitted() if write else contextlib.nullcontext(),
+            _reachable(),
+            self._autocommit_engine.connect() as connection,
+        ):
+            driver: Any = (await connection.get_raw_connection()).driver_connection
+            try:
+                yield driver
+            except Exception as error:
+                if database_unavailable(error) or driver.is_closed() or _driver_broke(error):
+                    await connection.invalidate()
+                    if not isinstance(error, TetherError):
+                        raise DatabaseUnavailable() from error
+                raise
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -10,6 +10,7 @@ undoes the claim and tears down only what the database no longer needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import OrderedDict
@@ -57,10 +58,8 @@ from app.services.transitions import (
     CONNECTABLE,
     CONNECTED,
     DELETE_ATTACHMENT,
-    INITIATORS,
     INSERT_ATTACHMENT,
     LOCK_VOLUME_OF,
-    RECORD_CONNECTION,
     SET_PROVIDER_AUTH,
     SET_PROVIDER_LOCATION,
     STATUS_OF,
@@ -102,7 +101,8 @@ class Claim:
 
 
 Claimer = Callable[[AsyncSession], Awaitable[Claim]]
-QuickClaimer = Callable[[AsyncSession], Awaitable[Claim | None]]
+# a quick claim runs on Database.statements(): one statement that commits by itself
+QuickClaimer = Callable[[Any], Awaitable[Claim | None]]
 
 
 async def shielded(work: Callable[[], Awaitable[T]]) -> T:
@@ -271,8 +271,8 @@ class AttachmentService(AttachmentReads):
         quick: QuickClaimer | None = None
         if quickly:
 
-            async def quick(session: AsyncSession) -> Claim | None:
-                return await self.claim_at_once(session, ctx, volume_id, instance_uuid, mode, checked)
+            async def quick(connection: Any) -> Claim | None:
+                return await self.claim_at_once(connection, ctx, volume_id, instance_uuid, mode, checked)
 
         return await self.connect_exclusive(volume_id, claim, checked, idempotency=idempotency, quick=quick)
 
@@ -353,7 +353,7 @@ class AttachmentService(AttachmentReads):
 
     async def claim_at_once(
         self,
-        session: AsyncSession,
+        on: AsyncSession | Any,
         ctx: Context,
         volume_id: str,
         instance_uuid: str | None,
@@ -362,7 +362,8 @@ class AttachmentService(AttachmentReads):
     ) -> Claim | None:
         """claim_new's common case as one statement (PostgreSQL): an available volume (or a multiattach one that
         may take another attachment) claimed, the attachment inserted connecting, its connector stored. None: the
-        claim did not apply and nothing changed; claim_new's transaction tells a busy volume from a missing one."""
+        claim did not apply and nothing changed; claim_new's transaction tells a busy volume from a missing one.
+        `on`: the claim's session, or a Database.statements() connection (the statement commits by itself)."""
         attachment = Attachment(
             volume_id=volume_id,
             project_id="",  # the volume's, filled in by the statement
@@ -371,7 +372,7 @@ class AttachmentService(AttachmentReads):
         )
         connecting(attachment, connector)
         volume = await one_trip.claim_and_insert(
-            session,
+            on,
             scoped=not ctx.all_projects,
             caller=ctx.project_id,
             attachment=attachment,
@@ -386,7 +387,10 @@ class AttachmentService(AttachmentReads):
             self._chapped.popitem(last=False)
         # the statement stored one when the volume had none and we offered it; a volume remembered with CHAP
         # that has none (its row restored from before its first connect) gets one now
-        chap = chap_of(volume, self.secrets) or await self.chap_for(session, volume)
+        chap = chap_of(volume, self.secrets)
+        if chap is None:
+            async with contextlib.nullcontext(on) if isinstance(on, AsyncSession) else self.db.autocommit() as session:
+                chap = await self.chap_for(session, volume)
         return Claim(attachment, volume, chap, attachment.attach_mode, self._remover(attachment.id, volume.id))
 
     async def claim_existing(
@@ -473,16 +477,14 @@ class AttachmentService(AttachmentReads):
         initiator = str(connector["initiator"])
         claimed: Claim | None = None
         if quick is not None:
-            async with self.db.autocommit() as session:
-                claimed = await quick(session)
-                if claimed is not None:
-                    try:
-                        pending = await run.defer(
-                            session, "connect", volume_ref(claimed.volume), claimed.chap, initiator
-                        )
-                    except BaseException:  # committed already: no claim is left without its connect
-                        await self._unclaim(claimed)
-                        raise
+            async with self.db.statements(write=True) as connection:
+                claimed = await quick(connection)
+            if claimed is not None:
+                try:
+                    pending = run.when_awaited("connect", volume_ref(claimed.volume), claimed.chap, initiator)
+                except BaseException:  # committed already: no claim is left without its connect
+                    await self._unclaim(claimed)
+                    raise
         if claimed is None:
             async with self.db.write() as session:
                 claimed = await claim(session)
@@ -508,24 +510,30 @@ class AttachmentService(AttachmentReads):
         # before the attachment's, the order every transition takes them in: the other order deadlocks with an
         # os-complete of this attachment (which holds the volume's row)
         relocated = volume.provider_location != export.provider_location
-        async with self.db.write() if relocated or idempotency else self.db.autocommit() as session:
+        # stored with the secret sealed like provider_auth; AttachmentRecord opens it for the caller
+        sealed = json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)})
+        # the common case is one statement by itself, run on the driver's connection (app/db/prepared.py)
+        alone = not (relocated or idempotency or volume.multiattach)
+        async with (
+            self.db.statements(write=True)
+            if alone
+            else self.db.write()
+            if relocated or idempotency
+            else self.db.autocommit()
+        ) as on:
             if relocated:
-                await session.execute(
-                    SET_PROVIDER_LOCATION, {"volume_id": volume.id, "location": export.provider_location}
-                )
-            # stored with the secret sealed like provider_auth; AttachmentRecord opens it for the caller
-            sealed = json.dumps({**info, "auth_password": self.secrets.seal(chap.secret)})
-            row = (await session.execute(RECORD_CONNECTION, {"attachment_id": attachment.id, "info": sealed})).first()
-            if row is None:
+                await on.execute(SET_PROVIDER_LOCATION, {"volume_id": volume.id, "location": export.provider_location})
+            rows = await one_trip.RECORD.rows(on, {"attachment_id": attachment.id, "info": sealed})
+            if not rows:
                 raise AttachmentNotFound(attachment.id)  # deleted while the backend worked
-            recorded = refresh(attachment, row)
+            recorded = refresh(attachment, rows[0])
             result = (
                 AttachmentRecord(recorded, [], self.secrets)
                 if not volume.multiattach
-                else await self._record(session, recorded)
+                else await self._record(on, recorded)
             )
             if idempotency is not None:
-                await idempotency.complete(session, result, attachment.id)
+                await idempotency.complete(on, result, attachment.id)
         if claimed.replaced:
             try:
                 await release(self.db, run, volume.id, [claimed.replaced])
@@ -552,13 +560,14 @@ class AttachmentService(AttachmentReads):
 
     async def complete(self, ctx: Context, attachment_id: str) -> None:
         if self.one_trip:
-            async with self.db.autocommit() as session:
+            async with self.db.statements(write=True) as connection:
                 completed = await one_trip.complete(
-                    session, attachment_id, everyone=ctx.all_projects, caller=ctx.project_id, now=utcnow()
+                    connection, attachment_id, everyone=ctx.all_projects, caller=ctx.project_id, now=utcnow()
                 )
-                if completed is None:
-                    raise AttachmentNotFound(attachment_id)
-                if not completed:
+            if completed is None:
+                raise AttachmentNotFound(attachment_id)
+            if not completed:
+                async with self.db.read() as session:
                     self._not_completed(
                         attachment_id, await session.scalar(STATUS_OF, {"attachment_id": attachment_id})
                     )
@@ -601,10 +610,10 @@ class AttachmentService(AttachmentReads):
     async def remove_locked(
         self, ctx: Context, attachment_id: str, volume_id: str, run: NodeRunner, *, guarded: bool
     ) -> list[Attachment]:
-        async with self.db.read() as session:
+        async with self.db.statements(write=False) as on:
             # every attachment of the volume with its initiator, in one query: this one, and what else uses
             # the ACL and the export
-            rows = (await session.execute(INITIATORS, {"volume_id": volume_id})).all()
+            rows = await one_trip.VOLUME_INITIATORS.rows(on, {"volume_id": volume_id})
         this = next((row for row in rows if row.id == attachment_id), None)
         if this is None or not ctx.sees(this.project_id):
             self.forget(attachment_id)
@@ -626,8 +635,8 @@ class AttachmentService(AttachmentReads):
                     )
                 raise BackendFailure(f"Unable to disconnect volume {volume_id}: the storage backend failed.") from None
         if self.one_trip:
-            async with self.db.autocommit() as session:
-                left = await one_trip.remove(session, volume_id, attachment_id, utcnow())
+            async with self.db.statements(write=True) as connection:
+                left = await one_trip.remove(connection, volume_id, attachment_id, utcnow())
             self.forget(attachment_id)
             return left
         async with self.db.write() as session:

@@ -220,6 +220,14 @@ class NodeRunner:
         node = await self.nodes.node_of(self.volume_id)
         return await node.call(self.volume_id, op, args)
 
+    def when_awaited(self, op: str, *args: Any) -> Pending:
+        """Embedded: the operation run when `.result()` is awaited, as defer() runs it, for a caller whose state
+        change committed without a session (app/db/prepared.py's statements)."""
+        self.check()
+        local = self.nodes.local
+        assert local is not None, "only an embedded node runs an operation without its job"
+        return _Now(lambda: local.call(self.volume_id, op, args))
+
     async def defer(self, session: AsyncSession, op: str, *args: Any, wait: bool = True) -> Pending:
         """The operation as part of `session`'s transaction; await `.result()` after it commits."""
         self.check()

@@ -18,6 +18,9 @@ transaction in transitions.py that SQLite (and every other path) runs:
 
 A claim that fails here (a busy or missing volume, Nova's second attachment of the same instance) changed
 nothing; the caller runs the full transaction, which tells the cases apart.
+
+Each statement is `Prepared` (app/db/prepared.py): outside a transaction it runs on the driver's own connection,
+without SQLAlchemy's execution layer around it, which cost as much CPU as the round trip.
 """
 
 from __future__ import annotations
@@ -43,10 +46,13 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus
+from app.db.prepared import Prepared
 from app.services.transitions import (
     ATTACH_DRIVEN,
     ATTACHMENT_COLUMNS,
     CONNECTED,
+    INITIATORS,
+    RECORD_CONNECTION,
     A,
     S,
     V,
@@ -87,11 +93,11 @@ def _claim_and_insert(*, scoped: bool) -> Any:
         ["attachment_id", "key", "value"],
         select(inserted.c.id, rows.c.key, rows.c.value).select_from(inserted).join(rows, true()),
     )
-    statement = select(*(claimed.c[c.name] for c in V.c)).add_cte(specs.cte("specs"))
-    return select(Volume).from_statement(statement)
+    return select(*(claimed.c[c.name] for c in V.c)).add_cte(specs.cte("specs"))
 
 
-_CLAIM_AND_INSERT = {scoped: _claim_and_insert(scoped=scoped) for scoped in (False, True)}
+_CLAIM_AND_INSERT = {scoped: Prepared(_claim_and_insert(scoped=scoped)) for scoped in (False, True)}
+_VOLUME_COLUMNS = tuple(V.c.keys())
 
 
 def _complete() -> Any:
@@ -129,17 +135,21 @@ def _complete() -> Any:
     return select(*counted).select_from(locked)
 
 
-_COMPLETE = _complete()
+_COMPLETE = Prepared(_complete())
 
 # the function returns the attachments' rows in the table's column order, which migrations made; name them
 _REMAINING = func.tether_remove_attachment(
     bindparam("volume_id"), bindparam("attachment_id"), bindparam("now", type_=A.c.updated_at.type)
 ).table_valued(*(column(c, A.c[c].type) for c in ATTACHMENT_COLUMNS))
-_REMOVE = select(*_REMAINING.c)
+_REMOVE = Prepared(select(*_REMAINING.c))
+# the cycle's other statements, as transitions.py writes them: a connect's record, a delete's look at the volume's
+# attachments and initiators
+RECORD = Prepared(RECORD_CONNECTION)
+VOLUME_INITIATORS = Prepared(INITIATORS)
 
 
 async def claim_and_insert(
-    session: AsyncSession,
+    on: AsyncSession | Any,
     *,
     scoped: bool,
     caller: str,
@@ -149,11 +159,13 @@ async def claim_and_insert(
 ) -> Volume | None:
     """Claim the volume for a connect and insert `attachment` (its volume_id set, project_id filled in here) with
     the connector's rows; the claimed volume (with its CHAP credentials: `auth` when it had none; None for a
-    volume known to have them), or None when the claim did not apply."""
+    volume known to have them), or None when the claim did not apply. `on`: a session (inside its transaction) or
+    Database.statements()'s connection (the statement commits by itself). The volume is a detached copy of the row,
+    to read: nothing adds it to a session."""
     values = {f"a_{c}": getattr(attachment, c) for c in ATTACHMENT_COLUMNS if c not in ("volume_id", "project_id")}
     keys = [str(k) for k in connector]
-    result = await session.execute(
-        _CLAIM_AND_INSERT[scoped],
+    rows = await _CLAIM_AND_INSERT[scoped].rows(
+        on,
         {
             **values,
             "volume_id": attachment.volume_id,
@@ -164,25 +176,26 @@ async def claim_and_insert(
             "values": [json.dumps(connector[k]) for k in connector],
         },
     )
-    volume = result.scalars().first()
-    if volume is not None:
-        attachment.project_id = volume.project_id
+    if not rows:
+        return None
+    volume = Volume.model_construct(**dict(zip(_VOLUME_COLUMNS, rows[0], strict=True)))
+    attachment.project_id = volume.project_id
     return volume
 
 
-async def complete(session: AsyncSession, attachment_id: str, *, everyone: bool, caller: str, now: Any) -> bool | None:
-    """None: no such attachment (for this caller); False: it is not in a state to complete; True: done."""
-    row = (
-        await session.execute(
-            _COMPLETE, {"attachment_id": attachment_id, "everyone": everyone, "caller": caller, "now": now}
-        )
-    ).first()
-    if row is None:
+async def complete(connection: Any, attachment_id: str, *, everyone: bool, caller: str, now: Any) -> bool | None:
+    """`connection`: Database.statements()'s (or a session). None: no such attachment (for this caller); False: it
+    is not in a state to complete; True: done."""
+    rows = await _COMPLETE.rows(
+        connection, {"attachment_id": attachment_id, "everyone": everyone, "caller": caller, "now": now}
+    )
+    if not rows:
         return None
-    return bool(row.done)
+    return bool(rows[0].done)
 
 
-async def remove(session: AsyncSession, volume_id: str, attachment_id: str, now: Any) -> list[Attachment]:
-    """Delete the attachment under its volume's row lock, recompute the volume; its remaining attachments."""
-    rows = await session.execute(_REMOVE, {"volume_id": volume_id, "attachment_id": attachment_id, "now": now})
-    return [refresh(Attachment(volume_id=row.volume_id, project_id=row.project_id), row) for row in rows.all()]
+async def remove(connection: Any, volume_id: str, attachment_id: str, now: Any) -> list[Attachment]:
+    """`connection`: Database.statements()'s (or a session). Delete the attachment under its volume's row lock,
+    recompute the volume; its remaining attachments."""
+    rows = await _REMOVE.rows(connection, {"volume_id": volume_id, "attachment_id": attachment_id, "now": now})
+    return [refresh(Attachment(volume_id=row.volume_id, project_id=row.project_id), row) for row in rows]

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 
 from app.db.engine import Database
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
+from app.db.prepared import Prepared
 from app.services import one_trip
 from tests.api.attaching import connector, create_attachment, new_uuid
 from tests.conftest import Api
@@ -204,16 +205,15 @@ async def test_a_create_the_one_statement_claim_refuses_sends_that_statement_onc
     first = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host1"))
     assert first.status_code == 200, first.text
     claims: list[str] = []
+    rows = Prepared.rows
 
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().startswith("WITH claimed AS"):
-            claims.append(statement)
+    async def count(self: Prepared, on: Any, values: Any) -> list[Any]:  # on a session or the driver's connection
+        if self.sql.lstrip().startswith("WITH claimed AS"):
+            claims.append(self.sql)
+        return await rows(self, on, values)
 
-    engine = api.app.state.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Prepared, "rows", count)
         refused = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host2"))
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert refused.status_code == 400, refused.text  # a volume in use that is not multiattach
     assert len(claims) == 1

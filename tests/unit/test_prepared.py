@@ -1,0 +1,82 @@
+"""app/db/prepared.py: a Core statement run on the driver's connection gives what SQLAlchemy's session gives."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, select, text
+
+from app.db.engine import Database
+from app.db.models import Volume, VolumeStatus, utcnow
+from app.db.prepared import Prepared
+from app.errors import DatabaseUnavailable
+
+pytestmark = pytest.mark.asyncio
+
+V: Any = Volume.__table__  # type: ignore[attr-defined]
+# a literal in the statement (the status), a parameter with a type conversion (the time), a boolean column
+_SHOWN = Prepared(
+    select(V.c.id, V.c.status, V.c.multiattach, V.c.created_at).where(
+        V.c.id == bindparam("volume_id"), V.c.status == VolumeStatus.AVAILABLE.value, V.c.created_at < bindparam("now")
+    )
+)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    yield database
+    await database.dispose()
+
+
+async def new_volume(db: Database, **values: Any) -> Volume:
+    volume = Volume(project_id="p1", user_id="u1", size=1, status=VolumeStatus.AVAILABLE, **values)
+    async with db.write() as session:
+        session.add(volume)
+    return volume
+
+
+async def test_rows_are_the_same_on_the_session_and_on_the_driver(db: Database) -> None:
+    volume = await new_volume(db, multiattach=True)
+    values = {"volume_id": volume.id, "now": utcnow() + timedelta(seconds=5)}
+    async with db.read() as session:
+        (through_session,) = await _SHOWN.rows(session, values)
+    async with db.statements(write=False) as on:
+        (direct,) = await _SHOWN.rows(on, values)
+    assert direct == through_session
+    assert (direct.id, direct.status, direct.multiattach) == (volume.id, "available", True)
+    assert direct.created_at == volume.created_at
+    assert direct.created_at.utcoffset() == UTC.utcoffset(None)
+    async with db.statements(write=False) as on:  # the bound time converted as SQLAlchemy converts it
+        assert await _SHOWN.rows(on, {**values, "now": volume.created_at - timedelta(seconds=5)}) == []
+
+
+async def test_a_missing_parameter_is_refused_before_anything_is_sent(db: Database) -> None:
+    async with db.statements(write=False) as on:
+        with pytest.raises(KeyError, match="now"):
+            await _SHOWN.rows(on, {"volume_id": "x"})
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_connection_that_dropped_is_a_503_and_never_served_again(db: Database) -> None:
+    """Its backend killed (a database restart, as far as the connection knows): DatabaseUnavailable, and the pool
+    does not hand the dead connection out again (it holds one connection here, so a reused one would fail)."""
+    small = Database(db.url, pool_size=1)
+    volume = await new_volume(small)
+    values = {"volume_id": volume.id, "now": utcnow() + timedelta(seconds=5)}
+    try:
+        async with small.statements(write=False) as on:
+            pid = await on.fetchval("SELECT pg_backend_pid()")
+        async with db.write() as session:
+            await session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DatabaseUnavailable):
+            async with small.statements(write=True) as on:
+                await _SHOWN.rows(on, values)
+        for _ in range(3):
+            async with small.statements(write=False) as on:
+                assert len(await _SHOWN.rows(on, values)) == 1
+    finally:
+        await small.dispose()
