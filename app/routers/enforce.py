@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from app.auth import Context
 from app.errors import Forbidden
 from app.policy import Policy
-from app.routers.deps import CallerDep
+from app.routers.deps import caller_of
 from app.services.attachments import AttachmentService
 from app.services.volumes import VolumeService
 
@@ -53,9 +53,9 @@ class Authorizer:
         self._require(rules, await self.attachments.project_of(ctx, attachment_id))
 
 
-async def _authorizer(request: Request, ctx: CallerDep) -> Authorizer:
+async def _authorizer(request: Request) -> Authorizer:
     state = request.app.state
-    return Authorizer(state.policy, ctx, state.volumes, state.attachments)
+    return Authorizer(state.policy, await caller_of(request), state.volumes, state.attachments)
 
 
 AuthorizeDep = Annotated[Authorizer, Depends(_authorizer)]

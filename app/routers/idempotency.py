@@ -16,7 +16,7 @@ from fastapi import Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import InvalidInput
-from app.routers.deps import CallerDep, version_of
+from app.routers.deps import caller_of, version_of
 from app.services.idempotency import HEADER, KEY_PATTERN, Answer, Idempotency, KeyedRequest, Replayed, fingerprint
 
 log = logging.getLogger("tether.idempotency")
@@ -39,7 +39,6 @@ class Keyed:
 
 async def _keyed(
     request: Request,
-    ctx: CallerDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -64,6 +63,7 @@ async def _keyed(
         body = await request.json()
     except ValueError:
         return None  # not JSON: the route's own validation refuses the body (400), and nothing runs
+    ctx = await caller_of(request)
     route = request.scope["route"]
     operation = str(getattr(route, "operation_id", None) or route.name)
     keyed = KeyedRequest(
