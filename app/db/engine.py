@@ -108,7 +108,6 @@ class Database:
         # PostgreSQL reads run in autocommit: no BEGIN/COMMIT round trips; each statement sees committed data
         reader = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._readers = async_sessionmaker(reader, expire_on_commit=False, autoflush=False)
-        self._autocommit_engine = reader
         # Admission for write transactions: a burst of state changes queues here, holding nothing, instead of
         # interleaving dozens of transactions on the event loop, which is what made concurrent reads slow.
         # Reads are never held back. A task waits here before BEGIN, so it holds no row lock while it waits.
@@ -162,7 +161,9 @@ class Database:
         async with (
             self._admitted() if write else contextlib.nullcontext(),
             _reachable(),
-            self._autocommit_engine.connect() as connection,
+            # the plain engine: no statement of SQLAlchemy's runs on it, so it never begins a transaction, and an
+            # isolation level would only be set on checkout and reset on return
+            self.engine.connect() as connection,
         ):
             driver: Any = (await connection.get_raw_connection()).driver_connection
             try:
