@@ -135,17 +135,27 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 _RESOURCE_MODULES = (attachments, volumes, volume_actions, volume_metadata, types, scheduler_stats, os_services)
 
 
-def _api_router() -> APIRouter:
-    api = APIRouter(dependencies=[Depends(storable_input)])
-    for module in _RESOURCE_MODULES:
-        api.include_router(module.router)
-    return api
-
-
 # what only documents a parameter (the project segment, the microversion header: the middleware parses it) is
 # declared on the routes the spec is built from, not on the ones that serve: FastAPI resolves every dependency
 # of a route on every request, ~3% of a request's CPU each (counted in instructions, issue 17)
 _DOCUMENTED = [Depends(project_path), Depends(version_header)]
+_CHECKED = [Depends(storable_input)]
+
+
+def _include_api(app: FastAPI) -> None:
+    """Each resource's router straight under the app, once under the project segment and once without it (one
+    level of routers: FastAPI matches a request level by level, twice), and once more under the project segment
+    with the documented parameters, for the spec only."""
+    documented = APIRouter()
+    # a resource name is never taken for a project id (the segment's convertor refuses them), so the project
+    # URLs, which nearly every client uses, are matched first: routing walks the routes in order
+    register_url_convertor("project", _ProjectSegment())
+    for prefix in ("/v3/{project_id:project}", "/v3"):
+        for module in _RESOURCE_MODULES:
+            app.include_router(module.router, prefix=prefix, dependencies=_CHECKED, include_in_schema=False)
+    for module in _RESOURCE_MODULES:
+        documented.include_router(module.router, prefix="/v3/{project_id:project}", dependencies=_DOCUMENTED + _CHECKED)
+    app.state.documented_routes = documented.routes
 
 
 _RESOURCES = sorted({route.path.split("/")[1] for module in _RESOURCE_MODULES for route in module.router.routes})
@@ -305,13 +315,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(versions.router)
     app.include_router(operations.router)
-    api = _api_router()
-    # a resource name is never taken for a project id (the segment's convertor refuses them), so the project
-    # URLs, which nearly every client uses, are matched first: routing walks the routes in order
-    register_url_convertor("project", _ProjectSegment())
-    app.include_router(api, prefix="/v3/{project_id:project}", include_in_schema=False)
-    app.include_router(api, prefix="/v3", include_in_schema=False)
-    documented = APIRouter()
-    documented.include_router(api, prefix="/v3/{project_id:project}", dependencies=_DOCUMENTED)
-    app.state.documented_routes = documented.routes
+    _include_api(app)
     return app
