@@ -36,6 +36,9 @@ class Prepared:
     def __init__(self, statement: ClauseElement) -> None:
         self.statement = statement
         compiled = cast(SQLCompiler, statement.compile(dialect=_DIALECT))
+        if compiled.post_compile_params or compiled.literal_execute_params:
+            # an IN list's or a literal's parameters are rendered into the SQL on each execution, by SQLAlchemy
+            raise ValueError("a statement with parameters rendered per execution cannot be prepared once")
         self.sql: str = compiled.string
         # each positional parameter: its name, whether the caller must give it, the value written into the statement
         # (its literal statuses and flags), the type's conversion

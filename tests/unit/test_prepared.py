@@ -80,3 +80,9 @@ async def test_a_connection_that_dropped_is_a_503_and_never_served_again(db: Dat
                 assert len(await _SHOWN.rows(on, values)) == 1
     finally:
         await small.dispose()
+
+
+async def test_a_statement_whose_sql_changes_per_execution_is_refused() -> None:
+    """An IN list's parameters are rendered into the SQL by SQLAlchemy on each execution: not preparable once."""
+    with pytest.raises(ValueError, match="per execution"):
+        Prepared(select(V.c.id).where(V.c.status.in_(bindparam("statuses", expanding=True))))
