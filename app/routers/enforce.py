@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from app.auth import Context
 from app.errors import Forbidden
 from app.policy import Policy
-from app.routers.deps import caller_of
+from app.routers.deps import get_caller
 from app.services.attachments import AttachmentService
 from app.services.volumes import VolumeService
 
@@ -55,7 +55,7 @@ class Authorizer:
 
 async def _authorizer(request: Request) -> Authorizer:
     state = request.app.state
-    return Authorizer(state.policy, await caller_of(request), state.volumes, state.attachments)
+    return Authorizer(state.policy, await get_caller(request), state.volumes, state.attachments)
 
 
 AuthorizeDep = Annotated[Authorizer, Depends(_authorizer)]

@@ -16,7 +16,7 @@ from fastapi import Depends, Header, Request
 from fastapi.responses import JSONResponse
 
 from app.errors import InvalidInput
-from app.routers.deps import caller_of, version_of
+from app.routers.deps import get_caller, version_of
 from app.services.idempotency import HEADER, KEY_PATTERN, Answer, Idempotency, KeyedRequest, Replayed, fingerprint
 
 log = logging.getLogger("tether.idempotency")
@@ -63,7 +63,7 @@ async def _keyed(
         body = await request.json()
     except ValueError:
         return None  # not JSON: the route's own validation refuses the body (400), and nothing runs
-    ctx = await caller_of(request)
+    ctx = await get_caller(request)
     route = request.scope["route"]
     operation = str(getattr(route, "operation_id", None) or route.name)
     keyed = KeyedRequest(
