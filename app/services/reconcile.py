@@ -44,6 +44,15 @@ class ReconcileReport:
     secrets_sealed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
+    def failed(self, what: str, error: Exception) -> None:
+        """One row that could not be settled: in the errors, and logged; a volume busy past lock_timeout or a node
+        told to stop (LockTimeout: the next reconcile settles it) without a traceback, anything else with one."""
+        if isinstance(error, LockTimeout):
+            log.warning("reconcile: %s: %s", what, error)
+        else:
+            log.exception("reconcile: %s: %s", what, error)
+        self.errors.append(what)
+
 
 class Reconciler:
     def __init__(
@@ -157,12 +166,8 @@ class Reconciler:
                         await self._finish_create(run, VolumeRef(id=volume_id, size_gb=size), report)
                     else:
                         await self._finish_delete(run, VolumeRef(id=volume_id, size_gb=size), report)
-            except LockTimeout as error:  # busy past lock_timeout, or this node is stopping: the next reconcile
-                log.warning("reconcile: volume %s: %s", volume_id, error)
-                report.errors.append(f"volume {volume_id}")
             except Exception as error:  # one bad row never stops the rest (nor a worker's start)
-                log.exception("reconcile: volume %s: %s", volume_id, error)
-                report.errors.append(f"volume {volume_id}")
+                report.failed(f"volume {volume_id}", error)
 
     async def _finish_create(self, run: NodeRunner, ref: VolumeRef, report: ReconcileReport) -> None:
         async with self.db.read() as session:
@@ -241,12 +246,8 @@ class Reconciler:
         for attachment_id, volume_id in rows:
             try:
                 await self._roll_back(attachment_id, volume_id, report)
-            except LockTimeout as error:
-                log.warning("reconcile: attachment %s: %s", attachment_id, error)
-                report.errors.append(f"attachment {attachment_id}")
             except Exception as error:  # one bad row never stops the rest
-                log.exception("reconcile: attachment %s: %s", attachment_id, error)
-                report.errors.append(f"attachment {attachment_id}")
+                report.failed(f"attachment {attachment_id}", error)
 
     async def _roll_back(self, attachment_id: str, volume_id: str, report: ReconcileReport) -> None:
         """Back to reserved; but a keyed create with a connector (its Idempotency-Key still in flight) leaves no
