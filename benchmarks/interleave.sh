@@ -17,21 +17,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start() {  # start LABEL DIR PORT: a fresh database of that code and its server; its PID in PIDS
-    local dir=$2 port=$3 db=${BENCH_DB}_$1
-    psql -q -U postgres -h 127.0.0.1 -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db" 2>/dev/null
-    export TETHER_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/$db
-    (cd "$dir" && "$PY" -m app.cli db upgrade >/dev/null)
-    (cd "$dir" && exec "$PY" -m app.cli serve --port "$port" --workers "${WORKERS:-2}" >"/tmp/tether-bench-$port.log" 2>&1) &
-    PIDS+=($!)
-    for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$port/healthcheck" >/dev/null 2>&1 && return; sleep 0.1; done
-    echo "server $1 did not start" >&2; exit 1
+start() {  # start LABEL DIR PORT: common.sh's fresh database and server, on a database and port of their own
+    BENCH_DB=${DB_BASE}_$1 PORT=$3 BASE=http://127.0.0.1:$3
+    export TETHER_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/$BENCH_DB
+    fresh_db "$2" 2>/dev/null
+    serve "$2" "${WORKERS:-2}"
+    PIDS+=("$SERVER")
+    SERVER=
 }
 
-start before "$OLD" "$PORT"
-start after "$ROOT" $((PORT + 1))
+FIRST_PORT=$PORT DB_BASE=$BENCH_DB
+start before "$OLD" "$FIRST_PORT"
+start after "$ROOT" $((FIRST_PORT + 1))
 run() {  # run LABEL INDEX: one short run against that server
-    local port=$((PORT + $2))
+    local port=$((FIRST_PORT + $2))
     echo -n "$1 "
     "$PY" -m benchmarks.attach_cycle --base "http://127.0.0.1:$port" --clients "$CLIENTS" \
         --seconds "${SECONDS_PER_RUN:-4}" --warmup 1 --server-pid "${PIDS[$2]}"
