@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -11,16 +11,17 @@ from app import microversions as mv
 from app import policy
 from app.errors import BadRequest, InvalidInput, NotFound
 from app.routers import views
-from app.routers.deps import AttachmentsDep, CallerDep, VersionDep, min_version
+from app.routers.deps import Api, api_since
 from app.routers.docs import faults, list_query, since
-from app.routers.enforce import AuthorizeDep
 from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import AttachmentActionRequest, AttachmentCreateRequest, AttachmentUpdateRequest
 from app.schemas.responses import AttachmentDetailList, AttachmentEnvelope, AttachmentList
 from app.services.attachment_reads import ATTACHMENT_FILTERS, ATTACHMENT_SORT_KEYS, AttachmentRecord
 from app.services.listing import parse_list_params
 
-router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[min_version(mv.NEW_ATTACH)])
+router = APIRouter(prefix="/attachments", tags=["attachments"])
+# every route of this router: none exists below 3.27
+AttachmentsApi = Annotated[Api, api_since(mv.NEW_ATTACH)]
 
 
 @router.post(
@@ -33,18 +34,15 @@ router = APIRouter(prefix="/attachments", tags=["attachments"], dependencies=[mi
 )
 async def create_attachment(
     body: AttachmentCreateRequest,
-    ctx: CallerDep,
-    version: VersionDep,
-    svc: AttachmentsDep,
+    api: AttachmentsApi,
     key: IdempotencyDep,
-    auth: AuthorizeDep,
 ) -> JSONResponse:
     spec = body.attachment
-    await auth.volume(spec.volume_uuid, policy.ATTACHMENT_CREATE)
-    if "mode" in spec.model_fields_set and version < mv.ATTACHMENT_CREATE_MODE_ARG:
+    await api.auth.volume(spec.volume_uuid, policy.ATTACHMENT_CREATE)
+    if "mode" in spec.model_fields_set and api.version < mv.ATTACHMENT_CREATE_MODE_ARG:
         raise InvalidInput("Invalid input for field/attribute attachment.mode: it needs microversion 3.54 or later.")
-    record = await svc.create(
-        ctx,
+    record = await api.attachments.create(
+        api.ctx,
         volume_id=spec.volume_uuid,
         instance_uuid=spec.instance_uuid,
         connector=spec.connector,
@@ -58,14 +56,17 @@ def _envelope(record: AttachmentRecord) -> dict[str, Any]:
     return {"attachment": views.attachment_detail(record)}
 
 
-async def _list(
-    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, detail: bool
-) -> JSONResponse:
+async def _list(request: Request, api: Api, detail: bool) -> JSONResponse:
     query = dict(request.query_params)
     params = parse_list_params(
-        query, ctx=ctx, version=version, filters=ATTACHMENT_FILTERS, sort_keys=ATTACHMENT_SORT_KEYS, count_allowed=False
+        query,
+        ctx=api.ctx,
+        version=api.version,
+        filters=ATTACHMENT_FILTERS,
+        sort_keys=ATTACHMENT_SORT_KEYS,
+        count_allowed=False,
     )
-    page = await svc.page(ctx, params, detail=detail)
+    page = await api.attachments.page(api.ctx, params, detail=detail)
     body: dict[str, Any] = {
         "attachments": [
             views.attachment_detail(r) if detail else views.attachment_summary(r.attachment) for r in page.items
@@ -85,11 +86,9 @@ async def _list(
     responses=faults(404),
     openapi_extra={**since(mv.NEW_ATTACH), **list_query(*sorted(ATTACHMENT_FILTERS))},
 )
-async def list_attachments(
-    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, auth: AuthorizeDep
-) -> JSONResponse:
-    auth.caller(policy.ATTACHMENT_GET_ALL)
-    return await _list(request, ctx, version, svc, detail=False)
+async def list_attachments(request: Request, api: AttachmentsApi) -> JSONResponse:
+    api.auth.caller(policy.ATTACHMENT_GET_ALL)
+    return await _list(request, api, detail=False)
 
 
 @router.get(
@@ -100,11 +99,9 @@ async def list_attachments(
     responses=faults(404),
     openapi_extra={**since(mv.NEW_ATTACH), **list_query(*sorted(ATTACHMENT_FILTERS))},
 )
-async def list_attachments_detail(
-    request: Request, ctx: CallerDep, version: VersionDep, svc: AttachmentsDep, auth: AuthorizeDep
-) -> JSONResponse:
-    auth.caller(policy.ATTACHMENT_GET_ALL)
-    return await _list(request, ctx, version, svc, detail=True)
+async def list_attachments_detail(request: Request, api: AttachmentsApi) -> JSONResponse:
+    api.auth.caller(policy.ATTACHMENT_GET_ALL)
+    return await _list(request, api, detail=True)
 
 
 @router.get(
@@ -115,9 +112,9 @@ async def list_attachments_detail(
     responses=faults(404),
     openapi_extra=since(mv.NEW_ATTACH),
 )
-async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDep, auth: AuthorizeDep) -> JSONResponse:
-    await auth.attachment(attachment_id, policy.ATTACHMENT_GET)
-    return views.reply({"attachment": views.attachment_detail(await svc.get(ctx, attachment_id))})
+async def show_attachment(attachment_id: str, api: AttachmentsApi) -> JSONResponse:
+    await api.auth.attachment(attachment_id, policy.ATTACHMENT_GET)
+    return views.reply({"attachment": views.attachment_detail(await api.attachments.get(api.ctx, attachment_id))})
 
 
 @router.put(
@@ -128,11 +125,9 @@ async def show_attachment(attachment_id: str, ctx: CallerDep, svc: AttachmentsDe
     responses=faults(404, 409),
     openapi_extra=since(mv.NEW_ATTACH),
 )
-async def update_attachment(
-    attachment_id: str, body: AttachmentUpdateRequest, ctx: CallerDep, svc: AttachmentsDep, auth: AuthorizeDep
-) -> JSONResponse:
-    await auth.attachment(attachment_id, policy.ATTACHMENT_UPDATE)
-    record = await svc.connect(ctx, attachment_id, body.attachment.connector)
+async def update_attachment(attachment_id: str, body: AttachmentUpdateRequest, api: AttachmentsApi) -> JSONResponse:
+    await api.auth.attachment(attachment_id, policy.ATTACHMENT_UPDATE)
+    record = await api.attachments.connect(api.ctx, attachment_id, body.attachment.connector)
     return views.reply({"attachment": views.attachment_detail(record)})
 
 
@@ -148,10 +143,7 @@ async def update_attachment(
 async def attachment_action(
     attachment_id: str,
     body: AttachmentActionRequest,
-    ctx: CallerDep,
-    version: VersionDep,
-    svc: AttachmentsDep,
-    auth: AuthorizeDep,
+    api: AttachmentsApi,
 ) -> Response:
     actions = body.actions()
     if len(actions) != 1:
@@ -159,10 +151,10 @@ async def attachment_action(
     (action,) = actions
     if action != "os-complete":
         raise BadRequest(f"There is no such action: {action}")
-    if version < mv.NEW_ATTACH_COMPLETION:
+    if api.version < mv.NEW_ATTACH_COMPLETION:
         raise NotFound()
-    await auth.attachment(attachment_id, policy.ATTACHMENT_COMPLETE)
-    await svc.complete(ctx, attachment_id)
+    await api.auth.attachment(attachment_id, policy.ATTACHMENT_COMPLETE)
+    await api.attachments.complete(api.ctx, attachment_id)
     return Response(status_code=204)
 
 
@@ -174,9 +166,7 @@ async def attachment_action(
     responses=faults(404),
     openapi_extra=since(mv.NEW_ATTACH),
 )
-async def delete_attachment(
-    attachment_id: str, ctx: CallerDep, svc: AttachmentsDep, auth: AuthorizeDep
-) -> JSONResponse:
-    await auth.attachment(attachment_id, policy.ATTACHMENT_DELETE)
-    remaining = await svc.remove(ctx, attachment_id)
+async def delete_attachment(attachment_id: str, api: AttachmentsApi) -> JSONResponse:
+    await api.auth.attachment(attachment_id, policy.ATTACHMENT_DELETE)
+    remaining = await api.attachments.remove(api.ctx, attachment_id)
     return views.reply({"attachments": [views.attachment_summary(a) for a in remaining]})

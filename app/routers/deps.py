@@ -1,4 +1,5 @@
-"""Typed dependencies routes declare: the caller, the microversion, the services."""
+"""The one dependency a route declares: `api: ApiDep` (or its router's `Annotated[Api, api_since(...)]`), which checks
+the request's input and microversion and carries the caller, the microversion, the services and the door."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from app.errors import BadRequest, InvalidInput, NotFound
 from app.logs import bind
 from app.microversions import APIVersion
 from app.policy import Policy
+from app.routers.enforce import Authorizer
 from app.services.attachments import AttachmentService
 from app.services.legacy import LegacyService
 from app.services.types import VolumeTypeService
+from app.services.volume_metadata import VolumeMetadataService
 from app.services.volumes import VolumeService
 
 
@@ -22,19 +25,12 @@ def version_of(request: Request) -> APIVersion:
     return request.scope.get("state", {}).get("api_version", microversions.MIN)  # type: ignore[no-any-return]
 
 
-# every dependency is async: a sync one would cost a thread-pool hop per request
-async def get_version(request: Request) -> APIVersion:
-    return version_of(request)
-
-
 _CALLER = "tether.caller"
 
 
 async def get_caller(request: Request) -> Context:
     """The caller, from a Keystone token (keystone mode) or the noauth headers, with the policy's view of it;
-    worked out once per request. A dependency that needs it besides the route's CallerDep (the authorizer, the
-    idempotency key) calls this instead of naming CallerDep, which FastAPI would resolve again at every dependency
-    that names it before looking in its cache (~3% of a request's CPU each time)."""
+    worked out once per request (Api, the idempotency key and the endpoints outside the API all ask)."""
     ctx: Context | None = request.scope.get(_CALLER)
     if ctx is None:
         ctx = request.scope[_CALLER] = await _caller(request)
@@ -55,10 +51,6 @@ async def _caller(request: Request) -> Context:
     bind(project_id=ctx.project_id, volume_id=request.path_params.get("volume_id"))
     bind(attachment_id=request.path_params.get("attachment_id"))
     return ctx
-
-
-CallerDep = Annotated[Context, Depends(get_caller)]
-VersionDep = Annotated[APIVersion, Depends(get_version)]
 
 
 async def version_header(
@@ -140,34 +132,74 @@ async def storable_input(request: Request) -> None:
         )
 
 
-def min_version(version: APIVersion) -> Any:
-    """A dependency that makes a route (or action) not exist below `version`."""
+class Api:
+    """What a route needs of its request: the caller, the microversion, the services, the door (`auth`).
 
-    async def check(request: Request) -> None:
-        if version_of(request) < version:
+    One dependency, not one each: FastAPI 0.165 resolves every dependency of a route on every request, and each
+    cost ~220,000 instructions, ~6.5% of an attach cycle's request (benchmarks/instructions.sh, issue 17)."""
+
+    __slots__ = ("_auth", "ctx", "request", "version")
+
+    def __init__(self, request: Request, ctx: Context, version: APIVersion) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.version = version
+        self._auth: Authorizer | None = None
+
+    @property
+    def state(self) -> Any:
+        return self.request.app.state
+
+    @property
+    def auth(self) -> Authorizer:
+        """The route's one policy decision (app/routers/enforce.py)."""
+        if self._auth is None:
+            state = self.request.app.state
+            self._auth = Authorizer(state.policy, self.ctx, state.volumes, state.attachments)
+        return self._auth
+
+    @property
+    def volumes(self) -> VolumeService:
+        return self.request.app.state.volumes  # type: ignore[no-any-return]
+
+    @property
+    def attachments(self) -> AttachmentService:
+        return self.request.app.state.attachments  # type: ignore[no-any-return]
+
+    @property
+    def legacy(self) -> LegacyService:
+        return self.request.app.state.legacy  # type: ignore[no-any-return]
+
+    @property
+    def types(self) -> VolumeTypeService:
+        return self.request.app.state.types  # type: ignore[no-any-return]
+
+    @property
+    def volume_metadata(self) -> VolumeMetadataService:
+        return self.request.app.state.volume_metadata  # type: ignore[no-any-return]
+
+
+# the dependencies that make an Api: every route of the API declares one (tests/security/test_hostile_input.py),
+# since the input check is theirs
+RESOLVERS: list[Any] = []
+
+
+def api_since(version: APIVersion | None = None) -> Any:
+    """The Api dependency of routes that do not exist below `version` (404). In this order: the input refused
+    when it cannot be stored (400), the microversion, the caller (401 in keystone mode); it is async, since a
+    sync dependency costs a thread-pool hop per request."""
+
+    async def api(request: Request) -> Api:
+        await storable_input(request)
+        version_ = version_of(request)
+        if version is not None and version_ < version:
             raise NotFound()
+        return Api(request, await get_caller(request), version_)
 
-    check.__name__ = f"min_version_{version.major}_{version.minor}"
-    return Depends(check)
-
-
-async def _volumes(request: Request) -> VolumeService:
-    return request.app.state.volumes  # type: ignore[no-any-return]
-
-
-async def _types(request: Request) -> VolumeTypeService:
-    return request.app.state.types  # type: ignore[no-any-return]
+    if version is not None:
+        api.__name__ = f"api_since_{version.major}_{version.minor}"
+    RESOLVERS.append(api)
+    return Depends(api)
 
 
-async def _attachments(request: Request) -> AttachmentService:
-    return request.app.state.attachments  # type: ignore[no-any-return]
-
-
-async def _legacy(request: Request) -> LegacyService:
-    return request.app.state.legacy  # type: ignore[no-any-return]
-
-
-VolumesDep = Annotated[VolumeService, Depends(_volumes)]
-TypesDep = Annotated[VolumeTypeService, Depends(_types)]
-AttachmentsDep = Annotated[AttachmentService, Depends(_attachments)]
-LegacyDep = Annotated[LegacyService, Depends(_legacy)]
+ApiDep = Annotated[Api, api_since()]

@@ -1,6 +1,6 @@
 """The door (SPEC 11): each route's one policy decision, made against the project of what it acts on.
 
-A route calls one of these first, once its body is parsed: `await auth.volume(volume_id, rule)`. The target
+A route calls one of these first, once its body is parsed: `await api.auth.volume(volume_id, rule)`. The target
 is `{project_id: <the resource's project>}`, as Cinder's `context.authorize(rule, target_obj=volume)`. What
 the caller cannot see is a 404 before it can be a 403, so another project's volume looks exactly like a
 missing one, to readers too.
@@ -8,14 +8,9 @@ missing one, to readers too.
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import Depends, Request
-
 from app.auth import Context
 from app.errors import Forbidden
 from app.policy import Policy
-from app.routers.deps import get_caller
 from app.services.attachments import AttachmentService
 from app.services.volumes import VolumeService
 
@@ -51,11 +46,3 @@ class Authorizer:
         if not ctx.all_projects and self._allows(rules, ctx.project_id):
             return
         self._require(rules, await self.attachments.project_of(ctx, attachment_id))
-
-
-async def _authorizer(request: Request) -> Authorizer:
-    state = request.app.state
-    return Authorizer(state.policy, await get_caller(request), state.volumes, state.attachments)
-
-
-AuthorizeDep = Annotated[Authorizer, Depends(_authorizer)]

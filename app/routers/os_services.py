@@ -12,8 +12,8 @@ from sqlalchemy import select
 from app import policy
 from app.db.models import Service
 from app.routers import views
+from app.routers.deps import ApiDep
 from app.routers.docs import faults, since
-from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import ServiceList
 
 router = APIRouter(prefix="/os-services", tags=["services"])
@@ -29,11 +29,11 @@ router = APIRouter(prefix="/os-services", tags=["services"])
 )
 async def list_services(
     request: Request,
-    auth: AuthorizeDep,
+    api: ApiDep,
     host: Annotated[str | None, Query(description="only this host")] = None,
     binary: Annotated[str | None, Query(description="only this binary (cinder-volume, cinder-scheduler)")] = None,
 ) -> JSONResponse:
-    auth.caller(policy.SERVICES_INDEX)
+    api.auth.caller(policy.SERVICES_INDEX)
     nodes = request.app.state.nodes
     async with request.app.state.db.read() as session:
         rows = (await session.execute(select(Service).order_by(Service.binary, Service.name))).scalars().all()

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 
 from app import policy
 from app.routers import views
+from app.routers.deps import ApiDep
 from app.routers.docs import faults, since
-from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import PoolList
 from app.services.listing import parse_bool
 from app.services.nodes import free_bytes
@@ -30,10 +30,10 @@ GIB = 1024**3
 )
 async def list_pools(
     request: Request,
-    auth: AuthorizeDep,
+    api: ApiDep,
     detail: Annotated[str, Query(description="true: include capabilities")] = "false",
 ) -> JSONResponse:
-    auth.caller(policy.GET_POOLS)
+    api.auth.caller(policy.GET_POOLS)
     state = request.app.state
     pools: list[dict[str, Any]] = []
     # every node's pool, down ones too, with the capacities of its last heartbeat; free is what the scheduler

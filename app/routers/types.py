@@ -7,9 +7,8 @@ from fastapi.responses import JSONResponse, Response
 
 from app import policy
 from app.routers import views
-from app.routers.deps import CallerDep, TypesDep
+from app.routers.deps import ApiDep
 from app.routers.docs import faults, since
-from app.routers.enforce import AuthorizeDep
 from app.schemas.requests import ExtraSpecsRequest, VolumeTypeCreateRequest
 from app.schemas.responses import ExtraSpecs, VolumeTypeEnvelope, VolumeTypeList
 from app.services.types import DEFAULT_TYPE
@@ -25,13 +24,11 @@ router = APIRouter(prefix="/types", tags=["types"])
     responses=faults(403, 409),
     openapi_extra=since(),
 )
-async def create_volume_type(
-    body: VolumeTypeCreateRequest, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep
-) -> JSONResponse:
-    auth.caller(policy.TYPE_CREATE)
+async def create_volume_type(body: VolumeTypeCreateRequest, api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.TYPE_CREATE)
     spec = body.volume_type
-    record = await svc.create(
-        ctx,
+    record = await api.types.create(
+        api.ctx,
         name=spec.name,
         description=spec.description,
         extra_specs=spec.extra_specs or {},
@@ -48,9 +45,9 @@ async def create_volume_type(
     responses=faults(),
     openapi_extra=since(),
 )
-async def list_volume_types(ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
-    auth.caller(policy.TYPE_GET_ALL)
-    return views.reply({"volume_types": [views.volume_type(r) for r in await svc.all(ctx)]})
+async def list_volume_types(api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.TYPE_GET_ALL)
+    return views.reply({"volume_types": [views.volume_type(r) for r in await api.types.all(api.ctx)]})
 
 
 @router.get(
@@ -61,9 +58,9 @@ async def list_volume_types(ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_default_volume_type(ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
-    auth.caller(policy.TYPE_GET)
-    return views.reply({"volume_type": views.volume_type(await svc.get(ctx, DEFAULT_TYPE))})
+async def show_default_volume_type(api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.TYPE_GET)
+    return views.reply({"volume_type": views.volume_type(await api.types.get(api.ctx, DEFAULT_TYPE))})
 
 
 @router.get(
@@ -74,9 +71,9 @@ async def show_default_volume_type(ctx: CallerDep, svc: TypesDep, auth: Authoriz
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
-    auth.caller(policy.TYPE_GET)
-    return views.reply({"volume_type": views.volume_type(await svc.get(ctx, type_id))})
+async def show_volume_type(type_id: str, api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.TYPE_GET)
+    return views.reply({"volume_type": views.volume_type(await api.types.get(api.ctx, type_id))})
 
 
 @router.delete(
@@ -88,9 +85,9 @@ async def show_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep, auth: Au
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> Response:
-    auth.caller(policy.TYPE_DELETE)
-    await svc.delete(ctx, type_id)
+async def delete_volume_type(type_id: str, api: ApiDep) -> Response:
+    api.auth.caller(policy.TYPE_DELETE)
+    await api.types.delete(api.ctx, type_id)
     return Response(status_code=202)
 
 
@@ -102,11 +99,9 @@ async def delete_volume_type(type_id: str, ctx: CallerDep, svc: TypesDep, auth: 
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def set_extra_specs(
-    type_id: str, body: ExtraSpecsRequest, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep
-) -> JSONResponse:
-    auth.caller(policy.EXTRA_SPECS_CREATE)
-    return views.reply({"extra_specs": await svc.set_extra_specs(ctx, type_id, body.extra_specs)})
+async def set_extra_specs(type_id: str, body: ExtraSpecsRequest, api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.EXTRA_SPECS_CREATE)
+    return views.reply({"extra_specs": await api.types.set_extra_specs(api.ctx, type_id, body.extra_specs)})
 
 
 @router.get(
@@ -117,9 +112,9 @@ async def set_extra_specs(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> JSONResponse:
-    auth.caller(policy.EXTRA_SPECS_INDEX)
-    return views.reply({"extra_specs": await svc.get_extra_specs(ctx, type_id)})
+async def get_extra_specs(type_id: str, api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.EXTRA_SPECS_INDEX)
+    return views.reply({"extra_specs": await api.types.get_extra_specs(api.ctx, type_id)})
 
 
 @router.delete(
@@ -131,7 +126,7 @@ async def get_extra_specs(type_id: str, ctx: CallerDep, svc: TypesDep, auth: Aut
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def delete_extra_spec(type_id: str, key: str, ctx: CallerDep, svc: TypesDep, auth: AuthorizeDep) -> Response:
-    auth.caller(policy.EXTRA_SPECS_DELETE)
-    await svc.delete_extra_spec(ctx, type_id, key)
+async def delete_extra_spec(type_id: str, key: str, api: ApiDep) -> Response:
+    api.auth.caller(policy.EXTRA_SPECS_DELETE)
+    await api.types.delete_extra_spec(api.ctx, type_id, key)
     return Response(status_code=202)

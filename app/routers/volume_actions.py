@@ -13,9 +13,8 @@ from app import policy
 from app.auth import Context
 from app.errors import BadRequest, InvalidInput
 from app.routers import views
-from app.routers.deps import CallerDep, LegacyDep
+from app.routers.deps import ApiDep
 from app.routers.docs import faults, since
-from app.routers.enforce import AuthorizeDep
 from app.schemas.responses import LegacyConnectionEnvelope
 from app.services.legacy import LegacyService
 
@@ -185,9 +184,7 @@ ACTIONS: dict[str, Handler] = {
 async def volume_action(
     volume_id: str,
     body: Annotated[Any, Body(examples=[{"os-reserve": None}, {"os-initialize_connection": {"connector": {}}}])],
-    ctx: CallerDep,
-    svc: LegacyDep,
-    auth: AuthorizeDep,
+    api: ApiDep,
 ) -> Response | JSONResponse:
     if not isinstance(body, dict) or len(body) != 1:
         raise BadRequest("Malformed request body")
@@ -195,5 +192,5 @@ async def volume_action(
     handler = ACTIONS.get(action)
     if handler is None:
         raise BadRequest(f"There is no such action: {action}")
-    await auth.volume(volume_id, ACTION_POLICIES[action])
-    return await handler(svc, ctx, volume_id, value)
+    await api.auth.volume(volume_id, ACTION_POLICIES[action])
+    return await handler(api.legacy, api.ctx, volume_id, value)

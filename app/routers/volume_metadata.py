@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from app import policy
 from app.errors import InvalidInput
 from app.routers import views
-from app.routers.deps import CallerDep
+from app.routers.deps import ApiDep
 from app.routers.docs import faults, since
-from app.routers.enforce import AuthorizeDep
 from app.schemas.requests import VolumeMetadataItemRequest, VolumeMetadataRequest
 from app.schemas.responses import VolumeMetadataEnvelope, VolumeMetadataItemEnvelope
-from app.services.volume_metadata import VolumeMetadataService
 
 router = APIRouter(prefix="/volumes", tags=["volume metadata"])
 
@@ -35,13 +31,6 @@ POLICIES = {
 }
 
 
-async def _service(request: Request) -> VolumeMetadataService:
-    return request.app.state.volume_metadata  # type: ignore[no-any-return]
-
-
-MetadataDep = Annotated[VolumeMetadataService, Depends(_service)]
-
-
 @router.get(
     "/{volume_id}/metadata",
     operation_id="show_volume_metadata",
@@ -50,9 +39,9 @@ MetadataDep = Annotated[VolumeMetadataService, Depends(_service)]
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume_metadata(volume_id: str, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep) -> JSONResponse:
-    await auth.volume(volume_id, GET_POLICY)
-    return views.reply({"metadata": await svc.get(ctx, volume_id)})
+async def show_volume_metadata(volume_id: str, api: ApiDep) -> JSONResponse:
+    await api.auth.volume(volume_id, GET_POLICY)
+    return views.reply({"metadata": await api.volume_metadata.get(api.ctx, volume_id)})
 
 
 @router.post(
@@ -63,11 +52,9 @@ async def show_volume_metadata(volume_id: str, ctx: CallerDep, svc: MetadataDep,
     responses=faults(404),
     openapi_extra=since(),
 )
-async def create_volume_metadata(
-    volume_id: str, body: VolumeMetadataRequest, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
-) -> JSONResponse:
-    await auth.volume(volume_id, CREATE_POLICY)
-    return views.reply({"metadata": await svc.merge(ctx, volume_id, body.metadata)})
+async def create_volume_metadata(volume_id: str, body: VolumeMetadataRequest, api: ApiDep) -> JSONResponse:
+    await api.auth.volume(volume_id, CREATE_POLICY)
+    return views.reply({"metadata": await api.volume_metadata.merge(api.ctx, volume_id, body.metadata)})
 
 
 @router.put(
@@ -78,11 +65,9 @@ async def create_volume_metadata(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def update_volume_metadata(
-    volume_id: str, body: VolumeMetadataRequest, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
-) -> JSONResponse:
-    await auth.volume(volume_id, UPDATE_POLICY)
-    return views.reply({"metadata": await svc.replace(ctx, volume_id, body.metadata)})
+async def update_volume_metadata(volume_id: str, body: VolumeMetadataRequest, api: ApiDep) -> JSONResponse:
+    await api.auth.volume(volume_id, UPDATE_POLICY)
+    return views.reply({"metadata": await api.volume_metadata.replace(api.ctx, volume_id, body.metadata)})
 
 
 @router.get(
@@ -93,11 +78,9 @@ async def update_volume_metadata(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume_metadata_item(
-    volume_id: str, key: str, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
-) -> JSONResponse:
-    await auth.volume(volume_id, GET_POLICY)
-    return views.reply({"meta": {key: await svc.get_item(ctx, volume_id, key)}})
+async def show_volume_metadata_item(volume_id: str, key: str, api: ApiDep) -> JSONResponse:
+    await api.auth.volume(volume_id, GET_POLICY)
+    return views.reply({"meta": {key: await api.volume_metadata.get_item(api.ctx, volume_id, key)}})
 
 
 @router.put(
@@ -109,15 +92,15 @@ async def show_volume_metadata_item(
     openapi_extra=since(),
 )
 async def update_volume_metadata_item(
-    volume_id: str, key: str, body: VolumeMetadataItemRequest, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
+    volume_id: str, key: str, body: VolumeMetadataItemRequest, api: ApiDep
 ) -> JSONResponse:
-    await auth.volume(volume_id, UPDATE_POLICY)
+    await api.auth.volume(volume_id, UPDATE_POLICY)
     # Cinder's messages; its body schema refuses a second item before the key is compared with the URL's
     if len(body.meta) > 1:
         raise InvalidInput("Request body contains too many items")
     if key not in body.meta:
         raise InvalidInput("Request body and URI mismatch")
-    await svc.merge(ctx, volume_id, body.meta)
+    await api.volume_metadata.merge(api.ctx, volume_id, body.meta)
     return views.reply({"meta": body.meta})
 
 
@@ -129,9 +112,7 @@ async def update_volume_metadata_item(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def delete_volume_metadata_item(
-    volume_id: str, key: str, ctx: CallerDep, svc: MetadataDep, auth: AuthorizeDep
-) -> Response:
-    await auth.volume(volume_id, DELETE_POLICY)
-    await svc.delete_item(ctx, volume_id, key)
+async def delete_volume_metadata_item(volume_id: str, key: str, api: ApiDep) -> Response:
+    await api.auth.volume(volume_id, DELETE_POLICY)
+    await api.volume_metadata.delete_item(api.ctx, volume_id, key)
     return Response(status_code=200)

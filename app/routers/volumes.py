@@ -11,9 +11,8 @@ from app import microversions as mv
 from app import policy
 from app.errors import InvalidInput
 from app.routers import views
-from app.routers.deps import CallerDep, VersionDep, VolumesDep
+from app.routers.deps import Api, ApiDep
 from app.routers.docs import faults, list_query, since
-from app.routers.enforce import AuthorizeDep
 from app.routers.idempotency import IdempotencyDep
 from app.schemas.requests import VolumeCreate, VolumeCreateRequest, VolumeUpdateRequest
 from app.schemas.responses import VolumeDetailList, VolumeEnvelope, VolumeList
@@ -67,25 +66,22 @@ def _refuse_extra(version: mv.APIVersion, *models: object) -> None:
 async def create_volume(
     request: Request,
     body: VolumeCreateRequest,
-    ctx: CallerDep,
-    version: VersionDep,
-    svc: VolumesDep,
+    api: ApiDep,
     key: IdempotencyDep,
-    auth: AuthorizeDep,
 ) -> JSONResponse:
-    auth.caller(policy.VOLUME_CREATE)
+    api.auth.caller(policy.VOLUME_CREATE)
     spec = body.volume
-    _refuse_extra(version, body, spec)
+    _refuse_extra(api.version, body, spec)
     if "multiattach" in (spec.model_extra or {}):
         raise InvalidInput("multiattach is set by the volume type, not in the request body.")
     _refuse_unsupported(spec)
     base = _base(request)
 
     def render(record: VolumeRecord) -> dict[str, Any]:
-        return {"volume": views.volume_detail(record, version, ctx, base)}
+        return {"volume": views.volume_detail(record, api.version, api.ctx, base)}
 
-    record = await svc.create(
-        ctx,
+    record = await api.volumes.create(
+        api.ctx,
         size=spec.size,
         name=spec.name if spec.name is not None else spec.display_name,
         description=spec.description if spec.description is not None else spec.display_description,
@@ -97,21 +93,22 @@ async def create_volume(
     return views.reply(render(record), 202)
 
 
-async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, detail: bool) -> JSONResponse:
+async def _list(request: Request, api: Api, detail: bool) -> JSONResponse:
     query = dict(request.query_params)
     params = parse_list_params(
         query,
-        ctx=ctx,
-        version=version,
+        ctx=api.ctx,
+        version=api.version,
         filters=VOLUME_FILTERS,
         sort_keys=VOLUME_SORT_KEYS,
-        count_allowed=version >= mv.SUPPORT_COUNT_INFO,
+        count_allowed=api.version >= mv.SUPPORT_COUNT_INFO,
     )
-    page = await svc.page(ctx, params)
+    page = await api.volumes.page(api.ctx, params)
     base = _base(request)
     body: dict[str, object] = {
         "volumes": [
-            views.volume_detail(r, version, ctx, base) if detail else views.volume_summary(r, base) for r in page.items
+            views.volume_detail(r, api.version, api.ctx, base) if detail else views.volume_summary(r, base)
+            for r in page.items
         ]
     }
     if page.full and page.items:
@@ -129,11 +126,9 @@ async def _list(request: Request, ctx: CallerDep, version: VersionDep, svc: Volu
     responses=faults(404),
     openapi_extra={**since(), **list_query(*sorted(VOLUME_FILTERS), count=True)},
 )
-async def list_volumes(
-    request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, auth: AuthorizeDep
-) -> JSONResponse:
-    auth.caller(policy.VOLUME_GET_ALL)
-    return await _list(request, ctx, version, svc, detail=False)
+async def list_volumes(request: Request, api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.VOLUME_GET_ALL)
+    return await _list(request, api, detail=False)
 
 
 @router.get(
@@ -144,11 +139,9 @@ async def list_volumes(
     responses=faults(404),
     openapi_extra={**since(), **list_query(*sorted(VOLUME_FILTERS), count=True)},
 )
-async def list_volumes_detail(
-    request: Request, ctx: CallerDep, version: VersionDep, svc: VolumesDep, auth: AuthorizeDep
-) -> JSONResponse:
-    auth.caller(policy.VOLUME_GET_ALL)
-    return await _list(request, ctx, version, svc, detail=True)
+async def list_volumes_detail(request: Request, api: ApiDep) -> JSONResponse:
+    api.auth.caller(policy.VOLUME_GET_ALL)
+    return await _list(request, api, detail=True)
 
 
 @router.get(
@@ -159,12 +152,10 @@ async def list_volumes_detail(
     responses=faults(404),
     openapi_extra=since(),
 )
-async def show_volume(
-    request: Request, volume_id: str, ctx: CallerDep, version: VersionDep, svc: VolumesDep, auth: AuthorizeDep
-) -> JSONResponse:
-    await auth.volume(volume_id, policy.VOLUME_GET)
-    record = await svc.get(ctx, volume_id)
-    return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
+async def show_volume(request: Request, volume_id: str, api: ApiDep) -> JSONResponse:
+    await api.auth.volume(volume_id, policy.VOLUME_GET)
+    record = await api.volumes.get(api.ctx, volume_id)
+    return views.reply({"volume": views.volume_detail(record, api.version, api.ctx, _base(request))})
 
 
 @router.put(
@@ -179,14 +170,11 @@ async def update_volume(
     request: Request,
     volume_id: str,
     body: VolumeUpdateRequest,
-    ctx: CallerDep,
-    version: VersionDep,
-    svc: VolumesDep,
-    auth: AuthorizeDep,
+    api: ApiDep,
 ) -> JSONResponse:
-    await auth.volume(volume_id, policy.VOLUME_UPDATE)
+    await api.auth.volume(volume_id, policy.VOLUME_UPDATE)
     spec = body.volume
-    _refuse_extra(version, body, spec)
+    _refuse_extra(api.version, body, spec)
     given = spec.model_fields_set
     fields = set()
     name = spec.name if "name" in given else spec.display_name
@@ -197,10 +185,10 @@ async def update_volume(
         fields.add("description")
     if not fields and spec.metadata is None:
         raise InvalidInput("Invalid input for field/attribute volume: it must update name, description or metadata.")
-    record = await svc.update(
-        ctx, volume_id, name=name, description=description, metadata=spec.metadata, fields=frozenset(fields)
+    record = await api.volumes.update(
+        api.ctx, volume_id, name=name, description=description, metadata=spec.metadata, fields=frozenset(fields)
     )
-    return views.reply({"volume": views.volume_detail(record, version, ctx, _base(request))})
+    return views.reply({"volume": views.volume_detail(record, api.version, api.ctx, _base(request))})
 
 
 @router.delete(
@@ -212,11 +200,9 @@ async def update_volume(
     responses=faults(403, 404),
     openapi_extra=since(),
 )
-async def delete_volume(
-    request: Request, volume_id: str, ctx: CallerDep, svc: VolumesDep, auth: AuthorizeDep
-) -> Response:
+async def delete_volume(request: Request, volume_id: str, api: ApiDep) -> Response:
     force = parse_bool("force", request.query_params.get("force", "false"))
     parse_bool("cascade", request.query_params.get("cascade", "false"))
-    await auth.volume(volume_id, policy.VOLUME_DELETE, *([policy.VOLUME_FORCE_DELETE] if force else []))
-    await svc.delete(ctx, volume_id, force=force)
+    await api.auth.volume(volume_id, policy.VOLUME_DELETE, *([policy.VOLUME_FORCE_DELETE] if force else []))
+    await api.volumes.delete(api.ctx, volume_id, force=force)
     return Response(status_code=202)

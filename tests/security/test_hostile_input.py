@@ -689,3 +689,21 @@ def test_a_value_tgtd_would_split_is_never_sent_on_its_socket(value: str) -> Non
     argv = ["tgtadm", "-C", "3261", "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-Q", value]
     with pytest.raises(BackendError, match="not sent to tgtd: a tgtadm value with a comma or a NUL"):
         tgt_socket.run(argv)
+
+
+def test_every_route_of_the_api_checks_its_input() -> None:
+    """The input check (NUL, unpaired surrogates) runs in the dependency that makes a route's Api: a route of
+    the API that declared none would take what no database stores."""
+    from fastapi.routing import APIRoute
+
+    from app.main import _RESOURCE_MODULES
+    from app.routers.deps import RESOLVERS
+
+    routes = [route for module in _RESOURCE_MODULES for route in module.router.routes if isinstance(route, APIRoute)]
+    assert len(routes) >= 30
+    unchecked = [
+        f"{sorted(route.methods)} {route.path}"
+        for route in routes
+        if not any(dependency.call in RESOLVERS for dependency in route.dependant.dependencies)
+    ]
+    assert unchecked == []
