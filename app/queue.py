@@ -22,11 +22,12 @@ from dataclasses import asdict
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
+from sqlalchemy import BigInteger, column, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.backends.base import Capacity, Chap, ExportInfo, ExportState, VolumeRef
 from app.db.locks import asyncpg_dsn
+from app.db.prepared import Prepared
 from app.secrets import SecretBox
 
 log = logging.getLogger("tether.queue")
@@ -42,9 +43,12 @@ _CONNECTION_LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interf
 # the outcome of a job that a node reached after its caller's deadline and did not run
 EXPIRED = "the caller stopped waiting before the node reached the job"
 
-_DEFER = text(
-    "SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task, 0, :lock, NULL, CAST(:args AS jsonb),"
-    " NULL)]::procrastinate_job_to_defer_v1[]))"
+# prepared: a job deferred by itself (a storage call outside a claim) runs on the driver's connection
+_DEFER = Prepared(
+    text(
+        "SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task, 0, :lock, NULL, CAST(:args AS jsonb),"
+        " NULL)]::procrastinate_job_to_defer_v1[]))"
+    ).columns(column("id", BigInteger))
 )
 _TAKE_RESULT = text("DELETE FROM node_job_results WHERE job_id = $1 RETURNING ok, result")
 _DISCARD = "DELETE FROM node_job_results WHERE job_id = ANY($1::bigint[])"
@@ -208,7 +212,7 @@ class JobQueue:
 
     async def defer(
         self,
-        session: AsyncSession,
+        session: AsyncSession | Any,
         node: str,
         lock: str | None,
         op: str,
@@ -218,7 +222,8 @@ class JobQueue:
         wait: bool = True,
         deadline_s: float = 60.0,
     ) -> int:
-        """Add the job to `session`'s transaction: it exists exactly when that transaction commits.
+        """Add the job to `session`'s transaction: it exists exactly when that transaction commits (or, on a
+        Database.statements() connection, the job alone, committed by itself).
 
         A job somebody waits for carries that wait's end (`deadline`, wall-clock seconds): a node that gets to it
         later answers it failed without running it, since its caller has answered 503 and the node's reconcile
@@ -230,14 +235,10 @@ class JobQueue:
             "request_id": request_id,
             "deadline": time.time() + deadline_s if wait else None,
         }
-        job_id = int(
-            (
-                await session.execute(
-                    _DEFER,
-                    {"queue": queue_of(node), "task": TASK, "lock": lock, "args": json.dumps({"job": payload})},
-                )
-            ).scalar_one()
+        (row,) = await _DEFER.rows(
+            session, {"queue": queue_of(node), "task": TASK, "lock": lock, "args": json.dumps({"job": payload})}
         )
+        job_id = int(row.id)
         if wait:  # listening before the commit; an autocommitted job's outcome may have been heard already (_early)
             self._waiter(job_id)
         return job_id

@@ -174,9 +174,10 @@ class RemoteNode:
         self.timeout = timeout
 
     async def defer(
-        self, session: AsyncSession, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
+        self, session: AsyncSession | Any, key: str | None, op: str, args: tuple[Any, ...], *, wait: bool = True
     ) -> Pending:
-        """wait=False: nobody awaits the outcome (the node records it in the database itself)."""
+        """wait=False: nobody awaits the outcome (the node records it in the database itself). `session`: a
+        transaction's, or a Database.statements() connection (the job alone)."""
         job_id = await self.queue.defer(
             session, self.name, key, op, args, request_id_var.get(), wait=wait, deadline_s=self.timeout
         )
@@ -186,8 +187,9 @@ class RemoteNode:
         return _Job(self.queue, job_id, self.name, op, self.timeout)
 
     async def call(self, key: str | None, op: str, args: tuple[Any, ...]) -> Any:
-        async with self.db.autocommit() as session:  # the job alone: one statement, committed by itself
-            pending = await self.defer(session, key, op, args)
+        # the job alone: one statement, committed by itself, on the driver's connection
+        async with self.db.statements(write=True) as connection:
+            pending = await self.defer(connection, key, op, args)
         return await pending.result()
 
     async def reconcile(self) -> dict[str, Any]:
