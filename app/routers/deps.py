@@ -147,10 +147,6 @@ class Api:
         self._auth: Authorizer | None = None
 
     @property
-    def state(self) -> Any:
-        return self.request.app.state
-
-    @property
     def auth(self) -> Authorizer:
         """The route's one policy decision (app/routers/enforce.py)."""
         if self._auth is None:
@@ -184,20 +180,20 @@ class Api:
 RESOLVERS: list[Any] = []
 
 
-def api_since(version: APIVersion | None = None) -> Any:
-    """The Api dependency of routes that do not exist below `version` (404). In this order: the input refused
+def api_since(since: APIVersion | None = None) -> Any:
+    """The Api dependency of routes that do not exist below `since` (404). In this order: the input refused
     when it cannot be stored (400), the microversion, the caller (401 in keystone mode); it is async, since a
     sync dependency costs a thread-pool hop per request."""
 
     async def api(request: Request) -> Api:
         await storable_input(request)
-        version_ = version_of(request)
-        if version is not None and version_ < version:
+        version = version_of(request)
+        if since is not None and version < since:
             raise NotFound()
-        return Api(request, await get_caller(request), version_)
+        return Api(request, await get_caller(request), version)
 
-    if version is not None:
-        api.__name__ = f"api_since_{version.major}_{version.minor}"
+    if since is not None:
+        api.__name__ = f"api_since_{since.major}_{since.minor}"
     RESOLVERS.append(api)
     return Depends(api)
 
