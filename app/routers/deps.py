@@ -150,8 +150,7 @@ class Api:
     def auth(self) -> Authorizer:
         """The route's one policy decision (app/routers/enforce.py)."""
         if self._auth is None:
-            state = self.request.app.state
-            self._auth = Authorizer(state.policy, self.ctx, state.volumes, state.attachments)
+            self._auth = Authorizer(self.request.app.state.policy, self.ctx, self.volumes, self.attachments)
         return self._auth
 
     @property
