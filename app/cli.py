@@ -55,6 +55,25 @@ def _check(settings: Settings) -> StatusReport:
     return asyncio.run(go())
 
 
+def _can_lock(settings: Settings) -> None:
+    """Embedded mode's lock file opens (app/db/locks.py), or one line that says where to put it."""
+    from app.db.locks import FileLocks, lock_file
+
+    path = lock_file(settings.database_url, settings.lock_path)
+    if settings.nodes != "embedded" or not settings.distributed_locks or path is None:
+        return
+    locks = FileLocks(path)
+    try:
+        locks.open()
+    except OSError as error:
+        raise CLIError(
+            f"cannot open the volumes' lock file {path}: {error.strerror or error}; "
+            "set TETHER_LOCK_PATH to a directory every Tether process of this host can write"
+        ) from None
+    finally:
+        asyncio.run(locks.close())
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -71,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
             "TETHER_DISTRIBUTED_LOCKS=false leaves --workers > 1 free to work on one volume at once; "
             "turn it on or serve with one worker"
         )
+    _can_lock(settings)
     report = _check(settings)
     if not report.healthy:
         raise CLIError(f"not starting: database {report.database}; backend {report.backend}")
@@ -219,10 +239,12 @@ def _reconcile(_args: argparse.Namespace) -> int:
         )
         return 1
 
+    _can_lock(settings)
+
     async def go() -> int:
         db = Database(settings.database_url)
         # the servers sharing this database may be running: take each volume's lock as they do
-        locks = cross_process_locks(db, settings.distributed_locks)
+        locks = cross_process_locks(db, settings.distributed_locks, one_host=True, lock_path=settings.lock_path)
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         try:
             report = await local_storage(settings, db, dispatcher, SecretBox(settings.secret_key)).reconciler.run()

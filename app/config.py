@@ -68,9 +68,12 @@ class Settings(BaseSettings):
     reconcile_on_start: bool = True
     # Fernet key or passphrase: CHAP secrets are stored sealed (reconcile seals the ones stored before)
     secret_key: str | None = None
-    # serialise each volume's backend work across every process sharing the database (PostgreSQL advisory
-    # locks; beside an SQLite database, a lock file shared with `tether reconcile`)
+    # serialise each volume's backend work across every process sharing the database: embedded mode, a lock file
+    # in lock_path shared with `tether reconcile`; remote mode, PostgreSQL advisory locks
     distributed_locks: bool = True
+    # embedded mode: the directory of the lock file (volumes.lock) every process of this host shares; unset,
+    # beside an SQLite database, /run/lock/tether on PostgreSQL (app/db/locks.py's default_lock_path)
+    lock_path: str | None = None
     # seconds a request waits for a volume another operation holds before it answers 409
     lock_timeout: float = Field(default=120.0, gt=0)
     # SPEC 12: seconds a keyed POST's answer is kept for its retries (then swept, and the key is free again)

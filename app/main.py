@@ -210,7 +210,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
-        locks = cross_process_locks(db, settings.distributed_locks)
+        locks = cross_process_locks(
+            db, settings.distributed_locks, one_host=settings.nodes == "embedded", lock_path=settings.lock_path
+        )
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         app.state.metrics.watch(dispatcher)
         work = BackgroundWork()

@@ -18,7 +18,10 @@ read between requests (after the server has been quiet on the wire for --quiet s
 an answer is not put on the next request). A periodic task can land in a request's window: the medians per
 request are the numbers to trust; the mean per cycle is also shown with the idle rate subtracted.
 
-    python -m benchmarks.round_trips [--workers 2] [--cycles 50] [--tree /tmp/old-checkout] [--brief]
+    python -m benchmarks.round_trips [--workers 2] [--cycles 50] [--tree /tmp/old-checkout] [--brief] [--remote]
+
+--remote serves in TETHER_NODES=remote in front of one `tether node` (fake backend) that talks to PostgreSQL
+directly: what is counted is the API tier's round trips (a job's defer, its outcome's row), not the node's.
 
 --tree runs the server (and the migrations) of another checkout (a git worktree) with this venv, so before and
 after can be compared. TLS: the proxy answers PostgreSQL's SSLRequest with "no" itself, so asyncpg (which
@@ -48,7 +51,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.attach_cycle import HEADERS, make_volume
-from benchmarks.processes import BASE, BENCH_DB, PORT, ROOT, bench_env, fresh_db, stop
+from benchmarks.processes import BASE, BENCH_DB, PORT, ROOT, bench_env, fresh_db, start_node, stop
 from benchmarks.wire import Connection
 
 SSL_REQUEST, GSSENC_REQUEST, CANCEL_REQUEST = 80877103, 80877104, 80877102
@@ -264,16 +267,26 @@ async def serve(tree: Path, env: dict[str, str], workers: int, log: Path) -> sub
 async def measure(args: argparse.Namespace, tree: Path, log: Path) -> dict[str, object]:
     proxy = Proxy(args.proxy_port, ("127.0.0.1", 5432))
     await proxy.start()
-    direct = bench_env()
+    direct = bench_env(TETHER_NODES="remote") if args.remote else bench_env()
     fresh_db(direct, tree)
     proxied = {**direct, "TETHER_DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{args.proxy_port}/{BENCH_DB}"}
-    # stop() waits for the process: in a thread, so the proxy keeps forwarding the server's last words
-    server = await serve(tree, proxied, args.workers, log)
+    # remote: one `tether node` on the database directly (its round trips are not counted), the API's through
+    # the proxy
+    node = None
+    if args.remote:
+        env = {**direct, "TETHER_NODE_NAME": "bench-node"}
+        node = await asyncio.to_thread(start_node, env, log.with_suffix(".node.log"))
     try:
-        return await cycles(args, proxy, tree)
+        # stop() waits for the process: in a thread, so the proxy keeps forwarding the server's last words
+        server = await serve(tree, proxied, args.workers, log)
+        try:
+            return await cycles(args, proxy, tree)
+        finally:
+            await asyncio.to_thread(stop, server)
+            await proxy.close()
     finally:
-        await asyncio.to_thread(stop, server)
-        await proxy.close()
+        if node is not None:
+            await asyncio.to_thread(stop, node)
 
 
 async def cycles(args: argparse.Namespace, proxy: Proxy, tree: Path) -> dict[str, object]:
@@ -417,6 +430,7 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=0.03, help="seconds without a round trip that end a window")
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("BENCH_PROXY_PORT", PORT + 1)))
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout whose server runs (default: this one)")
+    parser.add_argument("--remote", action="store_true", help="TETHER_NODES=remote, one node (not counted)")
     parser.add_argument("--brief", action="store_true", help="one JSON line: the totals and the medians only")
     args = parser.parse_args()
     tree = args.tree.resolve()

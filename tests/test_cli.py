@@ -137,6 +137,25 @@ def test_several_workers_refuse_to_start_without_cross_process_locks() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "reconcile"])
+def test_a_lock_path_nobody_can_write_refuses_to_start_with_one_line(tmp_path: Path, command: str) -> None:
+    """Embedded mode's per-volume locks are a file of this host (TETHER_LOCK_PATH): one that cannot be opened is
+    said before anything starts, not a 500 at the first request that takes a lock."""
+    (tmp_path / "a-file").write_text("")
+    env = {
+        "TETHER_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/none",
+        "TETHER_LOCK_PATH": str(tmp_path / "a-file"),  # a file, not a directory: not even root can make it one
+        "TETHER_VOLUME_BACKEND": "file",
+        "TETHER_TARGET": "tgt",
+        "TETHER_FILE_DIR": str(tmp_path / "volumes"),
+    }
+    result = run(command, env=env)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"tether: cannot open the volumes' lock file {tmp_path / 'a-file' / 'volumes.lock'}: ")
+    assert line.endswith("set TETHER_LOCK_PATH to a directory every Tether process of this host can write")
+
+
 def test_reconcile_on_the_fake_backend_says_it_cannot_see_the_server(tmp_path: Path) -> None:
     result = run("reconcile", env={"TETHER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/t.db"})
     assert result.returncode == 1

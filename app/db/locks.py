@@ -1,15 +1,16 @@
 """Per-volume locks that hold across every Tether process sharing one database.
 
 An in-process lock orders the tasks of this process; across processes:
-- PostgreSQL: a session advisory lock, taken on a dedicated connection that is not from the pool, polled with
-  pg_try_advisory_lock so one process's connection is never stuck waiting on another process while other
-  volumes need it, and no pooled connection is held while backend work runs. PostgreSQL releases a session's
+- one host (embedded mode: the server's workers and `tether reconcile`, SQLite or PostgreSQL): a byte of one lock
+  file per key, a system call instead of two database round trips per locked request (issue 17).
+- several hosts (remote mode: the API tier; a node's own sequences): a PostgreSQL session advisory lock, taken on
+  a dedicated connection that is not from the pool, polled with pg_try_advisory_lock so one process's connection
+  is never stuck waiting on another process while other volumes need it, and no pooled connection is held while
+  backend work runs. PostgreSQL releases a session's
   locks when its connection drops, so a lost connection *loses* every lock taken on it: each holder gets a
   lease that says so (the dispatcher's Runner checks it before every backend call, and the work stops with
   LockLost), and the connection is watched (asyncpg's termination listener, plus a ping while locks are held)
   so the loss is seen at once, not at the next lock call.
-- SQLite (one server process, plus `tether reconcile` beside it): POSIX byte-range locks on a file next to the
-  database, one byte per key.
 
 A periodic job that one process at a time should run (the sweep) takes its turn with `sole_turn()`.
 """
@@ -22,6 +23,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import struct
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -166,20 +169,30 @@ class AdvisoryLocks:
         self._connection = None
 
 
+def _flock(kind: int, offset: int) -> bytes:
+    """Linux's struct flock for one byte at `offset` (l_type, l_whence, l_start, l_len, l_pid: 0 for an OFD lock)."""
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+
+
 class FileLocks:
-    """Per-key locks between the processes of one host that share an SQLite database (the server and
-    `tether reconcile`): an exclusive POSIX lock on one byte of `<database>.locks` per key, polled without
-    blocking. POSIX locks belong to the process, so the in-process lock comes first."""
+    """Per-key locks between the processes of one host: an exclusive lock on one byte of one file per key, polled
+    without blocking. Linux's open-file-description locks (F_OFD_SETLK): each FileLocks is an owner of its own,
+    so two in one process exclude each other as two processes do, and closing one never frees another's locks;
+    a process that dies frees its own. The tasks of one FileLocks are ordered by the in-process lock first."""
 
     def __init__(self, path: str) -> None:
-        self._path = path
+        self.path = path
         self._local = KeyedLocks()
         self._fd: int | None = None
 
+    def open(self) -> None:
+        """Open (and create) the lock file now: OSError when this process cannot."""
+        self._file()
+
     def _file(self) -> int:
         if self._fd is None:
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         return self._fd
 
     @asynccontextmanager
@@ -191,9 +204,9 @@ class FileLocks:
             delay = _POLL_START
             while True:
                 try:
-                    fcntl.lockf(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                    fcntl.fcntl(self._file(), fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, offset))
                     break
-                except OSError:
+                except BlockingIOError:
                     if deadline is not None and loop.time() >= deadline:
                         raise LockTimeout(key, wait or 0) from None
                     await asyncio.sleep(delay)
@@ -201,7 +214,7 @@ class FileLocks:
             try:
                 yield None
             finally:
-                fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, offset)
+                fcntl.fcntl(self._file(), fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, offset))
 
     async def close(self) -> None:
         if self._fd is not None:
@@ -209,17 +222,35 @@ class FileLocks:
             self._fd = None
 
 
-def cross_process_locks(db: Database, enabled: bool) -> AdvisoryLocks | FileLocks | None:
-    """The volumes' locks across processes: advisory locks on PostgreSQL, a lock file beside an SQLite
-    database (none for an in-memory one); none when turned off."""
-    if not enabled:
-        return None
-    if not db.is_sqlite:
-        return AdvisoryLocks(db.url)
-    database = make_url(db.url).database
+def lock_file(url: str, lock_path: str | None = None) -> str | None:
+    """Where one host's processes of a deployment meet (embedded mode): `<lock_path>/volumes.lock`; unset, beside
+    an SQLite database file (none for an in-memory one), and for PostgreSQL /run/lock/tether/volumes.lock (the
+    temporary directory where there is no /run/lock). Deployments sharing the file cost nothing: their keys are
+    their own volumes' ids."""
+    if lock_path:
+        return str(Path(lock_path) / "volumes.lock")
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite"):
+        run = Path("/run/lock")
+        return str((run / "tether" if run.is_dir() else Path(tempfile.gettempdir()) / "tether") / "volumes.lock")
+    database = parsed.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
-    return FileLocks(f"{database}.locks")
+    return f"{database}.locks"
+
+
+def cross_process_locks(
+    db: Database, enabled: bool, *, one_host: bool, lock_path: str | None = None
+) -> AdvisoryLocks | FileLocks | None:
+    """The volumes' locks across processes; none when turned off. `one_host`: every process that works on these
+    volumes runs on this host (embedded mode): the lock file (lock_file()). Else (remote mode's API tier and
+    nodes, PostgreSQL): advisory locks."""
+    if not enabled:
+        return None
+    if not one_host and not db.is_sqlite:
+        return AdvisoryLocks(db.url)
+    path = lock_file(db.url, lock_path)
+    return FileLocks(path) if path else None
 
 
 _TRY_TURN = text("SELECT pg_try_advisory_xact_lock(:key)")

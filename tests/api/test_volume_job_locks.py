@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import select, update
 
 from app.backends.base import VolumeRef
-from app.db.locks import AdvisoryLocks
+from app.db.locks import FileLocks, cross_process_locks
 from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus
 from tests.conftest import Api, migrated_pg_database
 
@@ -38,6 +38,14 @@ def settings_overrides() -> dict[str, Any]:
     return {"lock_timeout": 60}
 
 
+def another_process(api: Api) -> FileLocks:
+    """The volumes' locks as another process of this deployment takes them (another API worker, `tether
+    reconcile`): this embedded app's lock file."""
+    locks = cross_process_locks(api.app.state.db, True, one_host=True, lock_path=api.app.state.settings.lock_path)
+    assert isinstance(locks, FileLocks)
+    return locks
+
+
 async def set_status(api: Api, volume_id: str, status: VolumeStatus) -> None:
     async with api.app.state.db.write() as session:
         await session.execute(update(Volume).where(Volume.id == volume_id).values(status=status))  # type: ignore[arg-type]
@@ -52,11 +60,11 @@ async def status_of(api: Api, volume_id: str) -> str | None:
     ("op", "waiting"), [("finish_delete", VolumeStatus.DELETING), ("finish_create", VolumeStatus.CREATING)]
 )
 async def test_a_volume_job_whose_volume_moved_on_while_it_waited_for_the_lock_ends_without_it(
-    api: Api, database_url: str, op: str, waiting: VolumeStatus
+    api: Api, op: str, waiting: VolumeStatus
 ) -> None:
     volume = await api.create_volume()
     await set_status(api, volume["id"], waiting)  # as the API left it, and the job was deferred
-    other = AdvisoryLocks(database_url)  # another process: an admin's os-reset_status in another API worker
+    other = another_process(api)  # an admin's os-reset_status in another API worker
     try:
         async with other.hold(volume["id"]):
             job = asyncio.create_task(api.app.state.reconciler.sequence(op, (VolumeRef(id=volume["id"], size_gb=1),)))
@@ -72,9 +80,7 @@ async def test_a_volume_job_whose_volume_moved_on_while_it_waited_for_the_lock_e
         await other.close()
 
 
-async def test_a_reconcile_waiting_for_a_volumes_lock_ends_when_the_node_is_told_to_stop(
-    api: Api, database_url: str
-) -> None:
+async def test_a_reconcile_waiting_for_a_volumes_lock_ends_when_the_node_is_told_to_stop(api: Api) -> None:
     """A `tether node` told to stop lets its running jobs end, and fetches no more. A reconcile job waiting for a
     volume's lock held by an API request that waits for a job of this node (which it no longer fetches) never
     ended: the node did not stop until it was killed (20 s in the torture across nodes). The wait ends at once
@@ -88,7 +94,7 @@ async def test_a_reconcile_waiting_for_a_volumes_lock_ends_when_the_node_is_told
         )
     nodes = api.app.state.nodes
     nodes.stopping = asyncio.Event()
-    other = AdvisoryLocks(database_url)  # an API worker's connect, waiting for its job
+    other = another_process(api)  # an API worker's connect, waiting for its job
     try:
         async with other.hold(volume["id"]):
             reconcile = asyncio.create_task(api.app.state.reconciler.run())

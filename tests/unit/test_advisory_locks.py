@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from app.backends.dispatch import Dispatcher, LockLost, LockTimeout
-from app.db.locks import AdvisoryLocks, FileLocks, advisory_key, asyncpg_dsn
+from app.db.engine import Database
+from app.db.locks import AdvisoryLocks, FileLocks, advisory_key, asyncpg_dsn, cross_process_locks
 from tests.conftest import ROOT
 
 
@@ -154,6 +155,55 @@ async def test_sqlite_locks_span_processes(tmp_path: Path) -> None:
     finally:
         holder.kill()
         await locks.close()
+
+
+async def test_two_lock_files_in_one_process_exclude_each_other_and_closing_one_frees_only_its_own(
+    tmp_path: Path,
+) -> None:
+    """Open-file-description locks: each FileLocks owns its locks, as a process would (POSIX record locks belong to
+    the process: a second FileLocks of the same process was granted the held byte, and closing it freed the
+    first's)."""
+    path = str(tmp_path / "volumes.lock")
+    first, second = FileLocks(path), FileLocks(path)
+    try:
+        async with first.hold("volume-i"):
+            with pytest.raises(LockTimeout):
+                async with second.hold("volume-i", wait=0.2):
+                    pass
+            async with second.hold("volume-j", wait=0.2):  # other volumes are free
+                pass
+            await second.close()  # its file closed: the first's lock stays
+            third = FileLocks(path)
+            try:
+                with pytest.raises(LockTimeout):
+                    async with third.hold("volume-i", wait=0.2):
+                        pass
+            finally:
+                await third.close()
+        async with second.hold("volume-i", wait=1):
+            pass
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_embedded_mode_locks_in_a_file_and_remote_mode_in_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    """One host's processes (embedded: the workers, `tether reconcile`) meet in a lock file, a system call per lock
+    instead of two round trips; processes of several hosts (remote mode's API tier and nodes) in PostgreSQL."""
+    pg = Database(postgres_url)
+    embedded = cross_process_locks(pg, True, one_host=True, lock_path=str(tmp_path / "locks"))
+    assert isinstance(embedded, FileLocks)
+    assert embedded.path == str(tmp_path / "locks" / "volumes.lock")
+    default = cross_process_locks(pg, True, one_host=True)
+    assert isinstance(default, FileLocks)
+    assert default.path == "/run/lock/tether/volumes.lock"
+    assert isinstance(cross_process_locks(pg, True, one_host=False), AdvisoryLocks)
+    assert cross_process_locks(pg, False, one_host=True) is None
+    sqlite = Database(f"sqlite+aiosqlite:///{tmp_path}/tether.db")  # unchanged: beside the database
+    beside = cross_process_locks(sqlite, True, one_host=True)
+    assert isinstance(beside, FileLocks)
+    assert beside.path == f"{tmp_path}/tether.db.locks"
+    assert cross_process_locks(Database("sqlite+aiosqlite:///:memory:"), True, one_host=True) is None
 
 
 def test_keys_are_stable_signed_64_bit() -> None:
