@@ -14,6 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from app.errors import DatabaseUnavailable, TetherError
 
@@ -173,7 +174,9 @@ class Database:
                         raise DatabaseUnavailable() from error
                 raise
             finally:
-                pooled.close()
+                # in a greenlet, as an engine Connection's return is: a return past the pool's size closes the
+                # connection, which the asyncpg adapter awaits
+                await greenlet_spawn(pooled.close)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, timedelta
 from typing import Any
@@ -78,6 +79,28 @@ async def test_a_connection_that_dropped_is_a_503_and_never_served_again(db: Dat
         for _ in range(3):
             async with small.statements(write=False) as on:
                 assert len(await _SHOWN.rows(on, values)) == 1
+    finally:
+        await small.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_more_statements_at_once_than_the_pool_keeps_return_every_connection_cleanly(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection returned past the pool's size is closed, which the asyncpg adapter awaits: returned outside a
+    greenlet, the pool logged MissingGreenlet tracebacks (the stress tests' server logs) and the close never ran."""
+    small = Database(db.url, pool_size=2)  # 2 kept, 2 more in overflow
+
+    async def use() -> None:
+        async with small.statements(write=False) as on:
+            await on.fetchval("SELECT pg_sleep(0.05)")
+
+    try:
+        with caplog.at_level("ERROR"):
+            await asyncio.gather(*(use() for _ in range(4)))
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+        assert small.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert small.engine.pool.size() == 2  # type: ignore[attr-defined]
     finally:
         await small.dispose()
 
