@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     # in lock_path shared with `tether reconcile`; remote mode, PostgreSQL advisory locks
     distributed_locks: bool = True
     # embedded mode: the directory of the lock file (volumes.lock) every process of this host shares; unset,
-    # beside an SQLite database, /run/lock/tether on PostgreSQL (app/db/locks.py's default_lock_path)
+    # beside an SQLite database, /run/lock/tether on PostgreSQL (app/db/locks.py's lock_file)
     lock_path: str | None = None
     # seconds a request waits for a volume another operation holds before it answers 409
     lock_timeout: float = Field(default=120.0, gt=0)

@@ -6,11 +6,10 @@ An in-process lock orders the tasks of this process; across processes:
 - several hosts (remote mode: the API tier; a node's own sequences): a PostgreSQL session advisory lock, taken on
   a dedicated connection that is not from the pool, polled with pg_try_advisory_lock so one process's connection
   is never stuck waiting on another process while other volumes need it, and no pooled connection is held while
-  backend work runs. PostgreSQL releases a session's
-  locks when its connection drops, so a lost connection *loses* every lock taken on it: each holder gets a
-  lease that says so (the dispatcher's Runner checks it before every backend call, and the work stops with
-  LockLost), and the connection is watched (asyncpg's termination listener, plus a ping while locks are held)
-  so the loss is seen at once, not at the next lock call.
+  backend work runs. PostgreSQL releases a session's locks when its connection drops, so a lost connection
+  *loses* every lock taken on it: each holder gets a lease that says so (the dispatcher's Runner checks it before
+  every backend call, and the work stops with LockLost), and the connection is watched (asyncpg's termination
+  listener, plus a ping while locks are held) so the loss is seen at once, not at the next lock call.
 
 A periodic job that one process at a time should run (the sweep) takes its turn with `sole_turn()`.
 """
