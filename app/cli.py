@@ -13,6 +13,7 @@ from app.config import Settings
 from app.services.status import StatusReport
 
 if TYPE_CHECKING:
+    from app.db.locks import AdvisoryLocks, FileLocks
     from app.services.nodes import Nodes
 
 
@@ -55,19 +56,27 @@ def _check(settings: Settings) -> StatusReport:
     return asyncio.run(go())
 
 
-def _can_lock(settings: Settings) -> None:
-    """Embedded mode's lock file opens (app/db/locks.py), or one line that says where to put it."""
-    from app.db.locks import FileLocks, lock_file
+def _locks(settings: Settings, *, one_host: bool) -> AdvisoryLocks | FileLocks | None:
+    """The volumes' locks this command takes (app/db/locks.py), as the server's are."""
+    from app.db.locks import cross_process_locks
 
-    path = lock_file(settings.database_url, settings.lock_path)
-    if settings.nodes != "embedded" or not settings.distributed_locks or path is None:
+    return cross_process_locks(
+        settings.database_url, settings.distributed_locks, one_host=one_host, lock_path=settings.lock_path
+    )
+
+
+def _can_lock(settings: Settings) -> None:
+    """Embedded mode's lock file opens, or one line that says where to put it."""
+    from app.db.locks import FileLocks
+
+    locks = _locks(settings, one_host=settings.nodes == "embedded")
+    if not isinstance(locks, FileLocks):
         return
-    locks = FileLocks(path)
     try:
         locks.open()
     except OSError as error:
         raise CLIError(
-            f"cannot open the volumes' lock file {path}: {error.strerror or error}; "
+            f"cannot open the volumes' lock file {locks.path}: {error.strerror or error}; "
             "set TETHER_LOCK_PATH to a directory every Tether process of this host can write"
         ) from None
     finally:
@@ -222,7 +231,6 @@ def _openapi(args: argparse.Namespace) -> int:
 def _reconcile(_args: argparse.Namespace) -> int:
     from app.backends.dispatch import Dispatcher
     from app.db.engine import Database
-    from app.db.locks import cross_process_locks
     from app.node import local_storage
     from app.secrets import SecretBox
 
@@ -244,7 +252,7 @@ def _reconcile(_args: argparse.Namespace) -> int:
     async def go() -> int:
         db = Database(settings.database_url)
         # the servers sharing this database may be running: take each volume's lock as they do
-        locks = cross_process_locks(db, settings.distributed_locks, one_host=True, lock_path=settings.lock_path)
+        locks = _locks(settings, one_host=True)
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         try:
             report = await local_storage(settings, db, dispatcher, SecretBox(settings.secret_key)).reconciler.run()

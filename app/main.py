@@ -211,7 +211,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
         locks = cross_process_locks(
-            db, settings.distributed_locks, one_host=settings.nodes == "embedded", lock_path=settings.lock_path
+            settings.database_url,
+            settings.distributed_locks,
+            one_host=settings.nodes == "embedded",
+            lock_path=settings.lock_path,
         )
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         app.state.metrics.watch(dispatcher)

@@ -192,7 +192,7 @@ class NodeAgent:
 
         settings = self.settings
         db = Database(settings.database_url, settings.database_pool_size, settings.write_concurrency)
-        locks = cross_process_locks(db, True, one_host=False)
+        locks = cross_process_locks(settings.database_url, True, one_host=False)
         dispatcher = Dispatcher(settings.backend_workers, locks, settings.lock_timeout)
         storage = local_storage(settings, db, dispatcher, self.secrets)
         storage.nodes.stopping = self.stopping  # its lock waits end when it is told to stop

@@ -239,16 +239,16 @@ def lock_file(url: str, lock_path: str | None = None) -> str | None:
 
 
 def cross_process_locks(
-    db: Database, enabled: bool, *, one_host: bool, lock_path: str | None = None
+    url: str, enabled: bool, *, one_host: bool, lock_path: str | None = None
 ) -> AdvisoryLocks | FileLocks | None:
-    """The volumes' locks across processes; none when turned off. `one_host`: every process that works on these
-    volumes runs on this host (embedded mode): the lock file (lock_file()). Else (remote mode's API tier and
-    nodes, PostgreSQL): advisory locks."""
+    """The volumes' locks across the processes sharing the database at `url`; none when turned off. `one_host`:
+    every process that works on these volumes runs on this host (embedded mode): the lock file (lock_file()).
+    Else (remote mode's API tier and nodes, PostgreSQL): advisory locks."""
     if not enabled:
         return None
-    if not one_host and not db.is_sqlite:
-        return AdvisoryLocks(db.url)
-    path = lock_file(db.url, lock_path)
+    if not one_host and not make_url(url).drivername.startswith("sqlite"):
+        return AdvisoryLocks(url)
+    path = lock_file(url, lock_path)
     return FileLocks(path) if path else None
 
 

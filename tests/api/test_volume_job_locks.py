@@ -41,7 +41,8 @@ def settings_overrides() -> dict[str, Any]:
 def another_process(api: Api) -> FileLocks:
     """The volumes' locks as another process of this deployment takes them (another API worker, `tether
     reconcile`): this embedded app's lock file."""
-    locks = cross_process_locks(api.app.state.db, True, one_host=True, lock_path=api.app.state.settings.lock_path)
+    settings = api.app.state.settings
+    locks = cross_process_locks(settings.database_url, True, one_host=True, lock_path=settings.lock_path)
     assert isinstance(locks, FileLocks)
     return locks
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from app.backends.dispatch import Dispatcher, LockLost, LockTimeout
-from app.db.engine import Database
 from app.db.locks import AdvisoryLocks, FileLocks, advisory_key, asyncpg_dsn, cross_process_locks
 from tests.conftest import ROOT
 
@@ -190,20 +189,19 @@ async def test_two_lock_files_in_one_process_exclude_each_other_and_closing_one_
 def test_embedded_mode_locks_in_a_file_and_remote_mode_in_postgresql(tmp_path: Path, postgres_url: str) -> None:
     """One host's processes (embedded: the workers, `tether reconcile`) meet in a lock file, a system call per lock
     instead of two round trips; processes of several hosts (remote mode's API tier and nodes) in PostgreSQL."""
-    pg = Database(postgres_url)
-    embedded = cross_process_locks(pg, True, one_host=True, lock_path=str(tmp_path / "locks"))
+    embedded = cross_process_locks(postgres_url, True, one_host=True, lock_path=str(tmp_path / "locks"))
     assert isinstance(embedded, FileLocks)
     assert embedded.path == str(tmp_path / "locks" / "volumes.lock")
-    default = cross_process_locks(pg, True, one_host=True)
+    default = cross_process_locks(postgres_url, True, one_host=True)
     assert isinstance(default, FileLocks)
     assert default.path == "/run/lock/tether/volumes.lock"
-    assert isinstance(cross_process_locks(pg, True, one_host=False), AdvisoryLocks)
-    assert cross_process_locks(pg, False, one_host=True) is None
-    sqlite = Database(f"sqlite+aiosqlite:///{tmp_path}/tether.db")  # unchanged: beside the database
+    assert isinstance(cross_process_locks(postgres_url, True, one_host=False), AdvisoryLocks)
+    assert cross_process_locks(postgres_url, False, one_host=True) is None
+    sqlite = f"sqlite+aiosqlite:///{tmp_path}/tether.db"  # unchanged: beside the database
     beside = cross_process_locks(sqlite, True, one_host=True)
     assert isinstance(beside, FileLocks)
     assert beside.path == f"{tmp_path}/tether.db.locks"
-    assert cross_process_locks(Database("sqlite+aiosqlite:///:memory:"), True, one_host=True) is None
+    assert cross_process_locks("sqlite+aiosqlite:///:memory:", True, one_host=True) is None
 
 
 def test_keys_are_stable_signed_64_bit() -> None:
