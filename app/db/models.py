@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any, TypeVar
 from uuid import uuid4
 
 from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, String, Text, false, text
+from sqlalchemy.orm import configure_mappers
 from sqlmodel import Field, SQLModel
 
 
@@ -18,6 +20,22 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid4())
+
+
+M = TypeVar("M", bound=SQLModel)
+
+
+def made(model: type[M], **values: Any) -> M:
+    """A new instance of a table model as SQLAlchemy makes one it loads: `values` and the other fields' defaults
+    straight into its dict, its attributes tracked from then on. SQLModel's own constructor sets each field through
+    the ORM's instrumentation and costs ~6x as much (~130 µs an attachment on this project's machine, ~4% of an
+    attach cycle's create: issue 17)."""
+    configure_mappers()  # as the constructor would: ~2 µs once they are
+    instance = model.__mapper__.class_manager.new_instance()  # type: ignore[attr-defined]
+    fields = instance.__dict__
+    for name, field in model.model_fields.items():
+        fields[name] = values[name] if name in values else field.get_default(call_default_factory=True)
+    return instance  # type: ignore[no-any-return]
 
 
 class VolumeStatus(StrEnum):

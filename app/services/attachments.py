@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.auth import Context
 from app.backends.base import BackendError, Chap, InvalidConnector
 from app.db.engine import Database
-from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, utcnow
+from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, made, utcnow
 from app.errors import (
     AttachmentNotFound,
     BackendFailure,
@@ -195,7 +195,8 @@ class AttachmentService(AttachmentReads):
                 )
             if connecting:
                 await set_attaching(session, volume.id)
-        attachment = Attachment(
+        attachment = made(
+            Attachment,
             volume_id=volume.id,
             project_id=volume.project_id,
             instance_uuid=instance_uuid,
@@ -364,7 +365,8 @@ class AttachmentService(AttachmentReads):
         may take another attachment) claimed, the attachment inserted connecting, its connector stored. None: the
         claim did not apply and nothing changed; claim_new's transaction tells a busy volume from a missing one.
         `on`: the claim's session, or a Database.statements() connection (the statement commits by itself)."""
-        attachment = Attachment(
+        attachment = made(
+            Attachment,
             volume_id=volume_id,
             project_id="",  # the volume's, filled in by the statement
             instance_uuid=instance_uuid,

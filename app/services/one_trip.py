@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus
+from app.db.models import Attachment, AttachStatus, Volume, VolumeStatus, made
 from app.db.prepared import Prepared
 from app.services.transitions import (
     ATTACH_DRIVEN,
@@ -58,7 +58,6 @@ from app.services.transitions import (
     V,
     claim_conditions,
     one_of,
-    refresh,
 )
 
 
@@ -198,4 +197,4 @@ async def remove(connection: Any, volume_id: str, attachment_id: str, now: Any) 
     """`connection`: Database.statements()'s (or a session). Delete the attachment under its volume's row lock,
     recompute the volume; its remaining attachments."""
     rows = await _REMOVE.rows(connection, {"volume_id": volume_id, "attachment_id": attachment_id, "now": now})
-    return [refresh(Attachment(volume_id=row.volume_id, project_id=row.project_id), row) for row in rows]
+    return [made(Attachment, **dict(zip(ATTACHMENT_COLUMNS, row, strict=True))) for row in rows]
