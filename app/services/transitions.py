@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, bindparam, case, delete, exists, false, insert, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.db.models import Attachment, AttachmentSpec, AttachStatus, Volume, VolumeStatus, utcnow
 
@@ -189,9 +190,10 @@ def columns_of(attachment: Attachment) -> dict[str, Any]:
 
 
 def refresh(attachment: Attachment, row: Any) -> Attachment:
-    """Copy a RETURNING row of every column onto the (detached or new) object the caller holds."""
+    """Copy a RETURNING row of every column onto the (detached or new) object the caller holds, as what the
+    database holds (no change for a session to write back; half the cost of setting each)."""
     for key, value in zip(ATTACHMENT_COLUMNS, row, strict=True):
-        setattr(attachment, key, value)
+        set_committed_value(attachment, key, value)
     return attachment
 
 

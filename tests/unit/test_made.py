@@ -50,3 +50,8 @@ async def test_a_made_object_is_inserted_and_read_back(tmp_path: Path) -> None:
         assert (stored.volume_id, stored.attached_host, stored.attach_status) == (volume.id, "h1", "reserved")
     finally:
         await db.dispose()
+
+
+def test_a_required_field_not_given_is_left_unset_as_the_constructor_does() -> None:
+    assert made(Attachment, project_id="p1").volume_id is None
+    assert "volume_id" not in made(Attachment, project_id="p1").__dict__
