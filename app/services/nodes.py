@@ -230,8 +230,9 @@ class NodeRunner:
         assert local is not None, "only an embedded node runs an operation without its job"
         return _Now(lambda: local.call(self.volume_id, op, args))
 
-    async def defer(self, session: AsyncSession, op: str, *args: Any, wait: bool = True) -> Pending:
-        """The operation as part of `session`'s transaction; await `.result()` after it commits."""
+    async def defer(self, session: AsyncSession | Any, op: str, *args: Any, wait: bool = True) -> Pending:
+        """The operation as part of `session`'s transaction (or of one open on a Database.statements() connection);
+        await `.result()` after it commits."""
         self.check()
         node = await self.nodes.node_of(self.volume_id)
         return await node.defer(session, self.volume_id, op, args, wait=wait)
