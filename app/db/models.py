@@ -33,7 +33,7 @@ _DEFAULTS: dict[type[SQLModel], list[tuple[str, Any, Callable[[], Any] | None]]]
 def made(model: type[M], **values: Any) -> M:
     """A new instance of a table model as SQLAlchemy makes one it loads: `values` and the other fields' defaults
     straight into its dict, its attributes tracked from then on. SQLModel's own constructor sets each field through
-    the ORM's instrumentation and costs several times as much (~72 µs against ~15 µs an attachment on this
+    the ORM's instrumentation and costs several times as much (~72-90 µs against ~6-11 µs an attachment on this
     project's machine: issue 17)."""
     defaults = _DEFAULTS.get(model)
     if defaults is None:
