@@ -80,6 +80,28 @@ def test_an_attached_volume_is_exported_by_its_own_nodes_tgtd(cluster: Cluster) 
     assert f"Total size:{GIB}" in out
 
 
+def test_a_second_connect_of_an_attached_volume_is_refused_and_leaves_the_first_and_its_export_as_they_were(
+    cluster: Cluster,
+) -> None:
+    """Remote mode's create claims in one statement inside a transaction with its job; one that does not apply
+    commits nothing (no row, no job) and the full claim says why, as in embedded mode."""
+    alice = cluster.caller(f"p{uuid.uuid4().hex[:12]}")
+    volume = alice.create_volume(size=1)
+    info = attach(alice, volume["id"])
+    assert info["auth_method"] == "CHAP", info
+    other = {"initiator": "iqn.1994-05.com.example:other", "host": "other", "ip": "127.0.0.2"}
+    body = {"attachment": {"volume_uuid": volume["id"], "instance_uuid": str(uuid.uuid4()), "connector": other}}
+    refused = alice.http.post("/attachments", json=body)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["badRequest"]["message"] == (
+        f"Volume {volume['id']} status must be available to reserve, but the current status is attaching."
+    )
+    listed = alice.ok("GET", f"/attachments?volume_id={volume['id']}")["attachments"]
+    assert [a["status"] for a in listed] == ["attaching"], listed
+    code, out = login(info)  # the first host's export and CHAP are untouched
+    assert code == 0, out
+
+
 def test_a_killed_node_goes_down_and_comes_back_up_and_the_api_survives_a_worker_kill(cluster: Cluster) -> None:
     node = cluster.node("node-b")
     node.kill()
