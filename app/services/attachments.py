@@ -10,7 +10,6 @@ undoes the claim and tears down only what the database no longer needs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import OrderedDict
@@ -60,7 +59,6 @@ from app.services.transitions import (
     DELETE_ATTACHMENT,
     INSERT_ATTACHMENT,
     LOCK_VOLUME_OF,
-    SET_PROVIDER_AUTH,
     SET_PROVIDER_LOCATION,
     STATUS_OF,
     A,
@@ -274,9 +272,7 @@ class AttachmentService(AttachmentReads):
         if quickly:
 
             async def quick(connection: Any) -> Claim | None:
-                return await self.claim_at_once(
-                    connection, ctx, volume_id, instance_uuid, mode, checked, offer_chap=not self.nodes.embedded
-                )
+                return await self.claim_at_once(connection, ctx, volume_id, instance_uuid, mode, checked)
 
         return await self.connect_exclusive(volume_id, claim, checked, idempotency=idempotency, quick=quick)
 
@@ -306,14 +302,13 @@ class AttachmentService(AttachmentReads):
 
         return await shielded(work)
 
-    async def chap_for(self, session: AsyncSession, volume: Volume) -> Chap:
-        """The volume's CHAP credentials, made and stored on its first connect."""
+    async def chap_for(self, on: AsyncSession | Any, volume: Volume) -> Chap:
+        """The volume's CHAP credentials, made and stored on its first connect. `on`: a session, or a
+        Database.statements() connection (in the caller's transaction when it opened one)."""
         chap = chap_of(volume, self.secrets)
         if chap is None:
             chap = new_chap()
-            await session.execute(
-                SET_PROVIDER_AUTH, {"volume_id": volume.id, "auth": provider_auth(chap, self.secrets)}
-            )
+            await one_trip.SET_AUTH.rows(on, {"volume_id": volume.id, "auth": provider_auth(chap, self.secrets)})
         return chap
 
     async def claim_new(
@@ -363,15 +358,12 @@ class AttachmentService(AttachmentReads):
         instance_uuid: str | None,
         mode: str | None,
         connector: Mapping[str, Any],
-        *,
-        offer_chap: bool = False,
     ) -> Claim | None:
         """claim_new's common case as one statement (PostgreSQL): an available volume (or a multiattach one that
         may take another attachment) claimed, the attachment inserted connecting, its connector stored. None: the
         claim did not apply and nothing changed; claim_new's transaction tells a busy volume from a missing one.
         `on`: the claim's session, or a Database.statements() connection (the statement commits by itself, unless
-        the caller opened a transaction on it: then `offer_chap`, so that no other connection need give the volume
-        CHAP credentials while this transaction holds its row)."""
+        the caller opened a transaction on it)."""
         attachment = made(
             Attachment,
             volume_id=volume_id,
@@ -386,7 +378,7 @@ class AttachmentService(AttachmentReads):
             caller=ctx.project_id,
             attachment=attachment,
             # kept only on the volume's first connect
-            auth=None if volume_id in self._chapped and not offer_chap else provider_auth(new_chap(), self.secrets),
+            auth=None if volume_id in self._chapped else provider_auth(new_chap(), self.secrets),
             connector=connector,
         )
         if volume is None:
@@ -395,11 +387,9 @@ class AttachmentService(AttachmentReads):
         if len(self._chapped) > KEPT_PER_PROCESS:
             self._chapped.popitem(last=False)
         # the statement stored one when the volume had none and we offered it; a volume remembered with CHAP
-        # that has none (its row restored from before its first connect) gets one now
-        chap = chap_of(volume, self.secrets)
-        if chap is None:
-            async with contextlib.nullcontext(on) if isinstance(on, AsyncSession) else self.db.autocommit() as session:
-                chap = await self.chap_for(session, volume)
+        # that has none (its row restored from before its first connect) gets one now, on the claim's own
+        # connection: a transaction open on it holds the volume's row
+        chap = await self.chap_for(on, volume)
         return Claim(attachment, volume, chap, attachment.attach_mode, self._remover(attachment.id, volume.id))
 
     async def claim_existing(

@@ -53,6 +53,7 @@ from app.services.transitions import (
     CONNECTED,
     INITIATORS,
     RECORD_CONNECTION,
+    SET_PROVIDER_AUTH,
     A,
     S,
     V,
@@ -145,6 +146,9 @@ _REMOVE = Prepared(select(*_REMAINING.c))
 # attachments and initiators
 RECORD = Prepared(RECORD_CONNECTION)
 VOLUME_INITIATORS = Prepared(INITIATORS)
+# a volume's CHAP credentials stored, on whatever the claim runs on (a session, or the driver's connection inside
+# or outside a transaction); its id returned, so that a session's result has rows to read
+SET_AUTH = Prepared(SET_PROVIDER_AUTH.returning(V.c.id))
 
 
 async def claim_and_insert(

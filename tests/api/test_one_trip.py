@@ -217,3 +217,25 @@ async def test_a_create_the_one_statement_claim_refuses_sends_that_statement_onc
         refused = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host2"))
     assert refused.status_code == 400, refused.text  # a volume in use that is not multiattach
     assert len(claims) == 1
+
+
+async def test_a_volume_remembered_with_chap_whose_row_has_none_gets_credentials_on_its_next_connect(
+    api: Api,
+) -> None:
+    """The server skips making credentials for a volume it has seen connected; a row restored from before its
+    first connect has none, and the claim stores new ones on its own connection (both databases)."""
+    volume = await api.create_volume()
+    first = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host1"))
+    assert first.status_code == 200, first.text
+    assert (await api.delete(f"/attachments/{first.json()['attachment']['id']}")).status_code == 200
+    async with api.app.state.db.write() as session:
+        await session.execute(text("UPDATE volumes SET provider_auth = NULL WHERE id = :id"), {"id": volume["id"]})
+
+    again = await create_attachment(api, volume["id"], instance_uuid=new_uuid(), connector=connector("host1"))
+
+    assert again.status_code == 200, again.text
+    info = again.json()["attachment"]["connection_info"]
+    async with api.app.state.db.read() as session:
+        stored = await session.scalar(select(Volume.provider_auth).where(Volume.id == volume["id"]))  # type: ignore[arg-type]
+    assert stored is not None
+    assert stored.split()[:2] == ["CHAP", info["auth_username"]]

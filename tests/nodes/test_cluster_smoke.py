@@ -102,6 +102,32 @@ def test_a_second_connect_of_an_attached_volume_is_refused_and_leaves_the_first_
     assert code == 0, out
 
 
+def test_a_volume_whose_row_lost_its_chap_gets_new_credentials_inside_the_claims_transaction(cluster: Cluster) -> None:
+    """Remote mode: the API remembers the volume as having CHAP; its row has none (restored from before its first
+    connect), so the claim, in a transaction that holds the volume's row, stores new credentials on that same
+    connection, and the node exports with them."""
+    import psycopg
+
+    from app.db.locks import asyncpg_dsn
+
+    alice = cluster.caller(f"p{uuid.uuid4().hex[:12]}")
+    volume = alice.create_volume(size=1)
+    users = [attach(alice, volume["id"])["auth_username"]]
+    # each API worker remembers the volume once it has connected it: after a few rounds both do
+    for _ in range(5):
+        listed = alice.ok("GET", f"/attachments?volume_id={volume['id']}")["attachments"]
+        alice.ok("DELETE", f"/attachments/{listed[0]['id']}")
+        with psycopg.connect(asyncpg_dsn(cluster.database_url), autocommit=True) as connection:
+            connection.execute("UPDATE volumes SET provider_auth = NULL WHERE id = %s", (volume["id"],))
+
+        info = attach(alice, volume["id"])
+
+        assert info["auth_username"] not in users
+        users.append(info["auth_username"])
+        code, out = login(info)
+        assert code == 0, out
+
+
 def test_a_killed_node_goes_down_and_comes_back_up_and_the_api_survives_a_worker_kill(cluster: Cluster) -> None:
     node = cluster.node("node-b")
     node.kill()
