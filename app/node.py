@@ -31,6 +31,8 @@ from app.metrics import Metrics
 from app.queue import (
     CHANNEL,
     EXPIRED,
+    FINISH_AND_WAKE,
+    FINISH_RECORD_AND_WAKE,
     RECORD_AND_WAKE,
     RESULT_TTL,
     TASK,
@@ -62,6 +64,28 @@ _FINISHED_KEPT = 10_000
 # procrastinate has to record a job's end itself before the look does it
 SETTLE_EVERY = 5.0
 SETTLE_AFTER = 5.0
+
+
+@dataclass
+class _End:
+    """What a running job leaves for its end: the outcome for its caller (None: nobody waits), the caller's
+    deadline, and whether the statement that finished the job also recorded these."""
+
+    told: tuple[bool, Any] | None = None
+    deadline: float = 0.0
+    recorded: bool = False
+
+
+def finishing_manager(connector: Any, finish: Any) -> Any:
+    """procrastinate's JobManager whose end of a job (what its worker calls once the task has returned) is
+    `finish(manager, job, status, delete_job)`: the node's one statement for it."""
+    from procrastinate.manager import JobManager
+
+    class FinishingManager(JobManager):
+        async def finish_job(self, job: Any, status: Any, delete_job: bool) -> None:
+            await finish(self, job, status, delete_job)
+
+    return FinishingManager(connector)
 
 
 @dataclass
@@ -184,6 +208,8 @@ class NodeAgent:
         self.metrics = Metrics()
         # the jobs this process ran to the end: job id -> when (monotonic), newest last
         self._finished: OrderedDict[int, float] = OrderedDict()
+        # the running jobs' ends, by job id
+        self._ends: dict[int, _End] = {}
 
     async def run(self) -> None:
         import procrastinate
@@ -206,6 +232,7 @@ class NodeAgent:
         app = procrastinate.App(
             connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(settings.database_url), pool_factory=job_pool)
         )
+        app.job_manager = finishing_manager(app.connector, self._finish)
         app.task(name=TASK, pass_context=True)(self._job)
         beat = Heartbeat(settings, storage.nodes, storage.node)
         storage.reconciler.on_change = beat.poke
@@ -326,12 +353,11 @@ class NodeAgent:
         op = str(job.get("op"))
         tokens = begin_request(str(job.get("request_id") or "-"))
         bind(node=self.settings.node_name, job_id=str(job_id), operation=op)
-        # the outcome for the job's caller, recorded once procrastinate has recorded the job's end (and freed its
-        # lock), which it does in this task after us
-        told: list[tuple[bool, Any, float]] = []
+        # what the job's end tells: procrastinate's worker ends the job in this task after us (_finish)
+        end = self._ends[job_id] = _End()
         this = asyncio.current_task()
         if this is not None:
-            this.add_done_callback(lambda _task: self._job_ended(context.app, job_id, told))
+            this.add_done_callback(lambda _task: self._job_ended(context.app, job_id))
         started = time.perf_counter()
         deadline = job.get("deadline")
         cancelled = False
@@ -344,9 +370,9 @@ class NodeAgent:
                 ok, result = await self._execute(op, job.get("args") or [])
             self.metrics.observe_job(self.settings.node_name, op, time.perf_counter() - started, not ok)
             if deadline is not None:  # somebody waits for it (or did)
-                told.append((ok, result, float(deadline)))
+                end.told, end.deadline = (ok, result), float(deadline)
                 if this is None:
-                    await self._answer(context.app, job_id, *told[0])
+                    await self._answer(context.app, job_id, ok, result, end.deadline)
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -356,15 +382,37 @@ class NodeAgent:
                 while len(self._finished) > _FINISHED_KEPT:
                     self._finished.popitem(last=False)
             end_request(tokens)
+            if this is None:
+                self._ends.pop(job_id, None)
 
-    def _job_ended(self, app: Any, job_id: int, told: list[tuple[bool, Any, float]]) -> None:
-        """A job is over, its end recorded (its volume's lock free): its outcome for its caller, and a wake-up for
-        the worker when a job of this queue is waiting, in one statement. A waiting job was skipped while this
-        one held its volume's lock, or deferred while a fetch was finding nothing, whose end dropped the
-        notification; nothing else wakes the worker before its poll (FETCH_POLL)."""
-        end = asyncio.get_running_loop().create_task(self._answer(app, job_id, *told[0]) if told else self._wake(app))
-        self._wakes.add(end)
-        end.add_done_callback(self._wakes.discard)
+    async def _finish(self, manager: Any, job: Any, status: Any, delete_job: bool) -> None:
+        """The end of a job as procrastinate's worker asks for it, with the outcome for its caller and the
+        worker's wake-up in the same statement: one round trip and one commit where there were two. When it
+        fails (the database went away), procrastinate sees its own statement fail, as before, and the outcome
+        is recorded on its own when the job's task is over (_job_ended); _settle ends the job later."""
+        end = self._ends.get(job.id)
+        args = {"job_id": job.id, "status": status.value, "delete_job": delete_job, **self._wake_args()}
+        if end is not None and end.told is not None:
+            await manager.connector.execute_query_async(
+                FINISH_RECORD_AND_WAKE, **args, **self._outcome_args(job.id, *end.told)
+            )
+        else:
+            await manager.connector.execute_query_async(FINISH_AND_WAKE, **args)
+        if end is not None:
+            end.recorded = True
+
+    def _job_ended(self, app: Any, job_id: int) -> None:
+        """A job's task is over. Its end, recorded by _finish, told its caller and woke the worker; when that
+        statement failed (or never ran), the outcome for its caller and the worker's wake-up are sent now, in
+        one statement."""
+        end = self._ends.pop(job_id, None)
+        if end is None or end.recorded:
+            return
+        told = end.told
+        task = self._answer(app, job_id, *told, end.deadline) if told is not None else self._wake(app)
+        ending = asyncio.get_running_loop().create_task(task)
+        self._wakes.add(ending)
+        ending.add_done_callback(self._wakes.discard)
 
     def _wake_args(self) -> dict[str, str]:
         from procrastinate.manager import get_channel_for_queues
@@ -373,23 +421,25 @@ class NodeAgent:
         (channel,) = get_channel_for_queues([queue])
         return {"channel": channel, "message": _INSERTED, "queue": queue}
 
-    async def _answer(self, app: Any, job_id: int, ok: bool, result: Any, deadline: float) -> None:
-        """The outcome for the job's caller (and the worker's wake-up), recorded also across a database restart:
-        tried again until the caller's deadline has passed (the storage work is done; only telling it was
-        interrupted)."""
-        from procrastinate.exceptions import ConnectorException
-
+    @staticmethod
+    def _outcome_args(job_id: int, ok: bool, result: Any) -> dict[str, Any]:
         encoded = json.dumps(result)
-        args = {
-            "job_id": job_id,
+        return {
             "ok": ok,
             "result": encoded,
             "done": CHANNEL,
             "payload": notification(job_id, ok, encoded),
             "prune": job_id % 100 == 0,
             "ttl": RESULT_TTL,
-            **self._wake_args(),
         }
+
+    async def _answer(self, app: Any, job_id: int, ok: bool, result: Any, deadline: float) -> None:
+        """The outcome for the job's caller (and the worker's wake-up), recorded also across a database restart:
+        tried again until the caller's deadline has passed (the storage work is done; only telling it was
+        interrupted)."""
+        from procrastinate.exceptions import ConnectorException
+
+        args = {"job_id": job_id, **self._outcome_args(job_id, ok, result), **self._wake_args()}
         delay = 0.1
         while True:
             try:

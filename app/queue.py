@@ -338,26 +338,34 @@ _RECORD = text(
     " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id)"
     " SELECT pg_notify(:channel, :payload) FROM recorded"
 )
-# the node's own statement for the end of a job somebody waits for, run once procrastinate has marked the job
-# done (so the caller's next job of the volume finds the volume's lock free): the outcome and its notification,
-# procrastinate's job_inserted notification on the node's queue when a job of it is waiting (one skipped while
-# the lock was held, or deferred while a fetch found nothing), and, when `prune`, the results nobody read. One
-# round trip, on procrastinate's psycopg connections (psycopg's parameter style).
-RECORD_AND_WAKE = (
-    "WITH recorded AS (INSERT INTO node_job_results (job_id, ok, result, created_at)"
+# The node's own statements for the end of a job, on procrastinate's psycopg connections (psycopg's parameter
+# style), each one round trip:
+# - the outcome for the job's caller and its notification, and, when `prune`, the results nobody read;
+# - procrastinate's job_inserted notification on the node's queue when a job of it is waiting (one skipped while
+#   this job held the volume's lock, or deferred while a fetch found nothing): nothing else wakes the worker;
+# - FINISH_*: procrastinate's own end of the job (procrastinate_finish_job_v1, what its worker sends) in the same
+#   statement, so one commit ends the job, frees the volume's job lock and tells the caller (whose notification
+#   is sent at that commit, when its next job of the volume can run). RECORD_AND_WAKE and WAKE are for a job
+#   whose end procrastinate recorded on its own (that statement failed, or the job ended some other way).
+_RECORDED = (
+    "recorded AS (INSERT INTO node_job_results (job_id, ok, result, created_at)"
     " VALUES (%(job_id)s, %(ok)s, %(result)s, now())"
     " ON CONFLICT (job_id) DO UPDATE SET ok = excluded.ok, result = excluded.result RETURNING job_id),"
     " pruned AS (DELETE FROM node_job_results"
     " WHERE %(prune)s AND created_at < now() - make_interval(secs => %(ttl)s))"
-    " SELECT pg_notify(%(done)s, %(payload)s) FROM recorded"
-    " UNION ALL SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
-    " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
 )
-# the same wake-up alone, after a job nobody waits for
-WAKE = (
+_WAKE_IF_WAITING = (
     "SELECT pg_notify(%(channel)s, %(message)s) WHERE EXISTS"
     " (SELECT 1 FROM procrastinate_jobs WHERE queue_name = %(queue)s AND status = 'todo')"
 )
+_FINISH = "SELECT procrastinate_finish_job_v1(%(job_id)s, %(status)s, %(delete_job)s)"
+_TELL = "SELECT pg_notify(%(done)s, %(payload)s) FROM recorded"
+# (joined from constants: nothing of a caller's is in a statement's text)
+RECORD_AND_WAKE = " ".join(("WITH", _RECORDED, _TELL, "UNION ALL", _WAKE_IF_WAITING))
+WAKE = _WAKE_IF_WAITING
+# a SELECT without FROM: one row, each of its expressions evaluated once (the finish always, whatever the others)
+FINISH_RECORD_AND_WAKE = "".join(("WITH ", _RECORDED, " ", _FINISH, ", (", _TELL, "), (", _WAKE_IF_WAITING, ")"))
+FINISH_AND_WAKE = "".join((_FINISH, ", (", _WAKE_IF_WAITING, ")"))
 _PRUNE = text("DELETE FROM node_job_results WHERE created_at < now() - make_interval(secs => :ttl)")
 
 

@@ -15,12 +15,14 @@ against an API tier in remote mode, `--node-pid <pid>` (repeatable) adds the sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import os
 import statistics
 import time
 import uuid
+from pathlib import Path
 
 import uvloop
 
@@ -48,6 +50,14 @@ def process_tree_cpu(pid: int) -> float:
         tree.update(children)
         frontier.extend(children)
     return sum(stats[p][1] for p in tree if p in stats)
+
+
+def postmaster_pid() -> int | None:
+    """The local PostgreSQL's postmaster (its processes' CPU counts as the database's), when this host runs one."""
+    for pid_file in sorted(Path("/var/run/postgresql").glob("*.pid")):
+        with contextlib.suppress(OSError, ValueError):
+            return int(pid_file.read_text().split()[0])
+    return None
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -123,10 +133,13 @@ async def run(
     measured_from, cpu_from = time.perf_counter(), time.process_time()
     server_from = process_tree_cpu(server_pid) if server_pid else 0.0
     nodes_from = sum(process_tree_cpu(pid) for pid in node_pids)
+    postgres = postmaster_pid()
+    postgres_from = process_tree_cpu(postgres) if postgres else 0.0
     await asyncio.gather(*tasks)
     elapsed, driver_cpu = time.perf_counter() - measured_from, time.process_time() - cpu_from
     server_cpu = process_tree_cpu(server_pid) - server_from if server_pid else None
     nodes_cpu = sum(process_tree_cpu(pid) for pid in node_pids) - nodes_from
+    postgres_cpu = process_tree_cpu(postgres) - postgres_from if postgres else None
     for connection in connections:
         await connection.close()
 
@@ -149,6 +162,8 @@ async def run(
         **(
             {"node_cpu_ms_per_request": round(1000 * nodes_cpu / len(every), 2) if every else None} if node_pids else {}
         ),
+        # the local PostgreSQL's processes (all its databases: run nothing else meanwhile)
+        "postgres_cpu_ms_per_request": round(1000 * postgres_cpu / len(every), 2) if every and postgres_cpu else None,
     }
 
 

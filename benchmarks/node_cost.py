@@ -57,7 +57,15 @@ def summarize(results: list[dict[str, object]], clients: list[int]) -> None:
         for mode in ("embedded", "remote"):
             runs = [r for r in results if r["mode"] == mode and r["clients"] == count]
             line: dict[str, object] = {"summary": mode, "clients": count, "rounds": len(runs)}
-            for key in ("cycles_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request", "node_cpu_ms_per_request"):
+            for key in (
+                "cycles_per_s",
+                "p50_ms",
+                "p99_ms",
+                "server_cpu_ms_per_request",
+                "node_cpu_ms_per_request",
+                "postgres_cpu_ms_per_request",
+                "driver_cpu_ms_per_request",
+            ):
                 values = [float(str(r[key])) for r in runs if r.get(key) is not None]
                 if values:
                     line[key] = round(statistics.median(values), 2)

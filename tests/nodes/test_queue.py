@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,8 +23,18 @@ from sqlalchemy import text
 
 from app.db.engine import Database
 from app.db.locks import asyncpg_dsn
-from app.node import job_pool
-from app.queue import CHANNEL, DISCARD_AFTER, PAYLOAD_MAX, RECORD_AND_WAKE, JobFailed, JobQueue, notification
+from app.node import _End, job_pool
+from app.queue import (
+    CHANNEL,
+    DISCARD_AFTER,
+    FINISH_RECORD_AND_WAKE,
+    PAYLOAD_MAX,
+    RECORD_AND_WAKE,
+    JobFailed,
+    JobQueue,
+    JobTimeout,
+    notification,
+)
 from app.secrets import SecretBox
 
 pytestmark = pytest.mark.postgres
@@ -148,3 +159,104 @@ async def test_the_node_pool_replaces_a_connection_whose_backend_ended_when_it_h
             assert connection.info.backend_pid != pid
     finally:
         await pool.close()
+
+
+async def _doing_and_waiting(db: Database) -> tuple[int, int]:
+    """Two jobs of one volume on queue node.test: the first taken (`doing`), the second queued behind it."""
+    defer = text(
+        "SELECT unnest(procrastinate_defer_jobs_v1(ARRAY[ROW('node.test', 'tether.node_op', 0, 'vol-1', NULL,"
+        " '{}'::jsonb, NULL)]::procrastinate_job_to_defer_v1[]))"
+    )
+    async with db.autocommit() as session:
+        first = int(await session.scalar(defer))
+        second = int(await session.scalar(defer))
+        await session.execute(text("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = :id"), {"id": first})
+    return first, second
+
+
+def _end_args(job_id: int, ok: bool, result: Any) -> dict[str, Any]:
+    encoded = json.dumps(result)
+    return {
+        "job_id": job_id,
+        "status": "succeeded",
+        "delete_job": True,
+        "ok": ok,
+        "result": encoded,
+        "done": CHANNEL,
+        "payload": notification(job_id, ok, encoded),
+        "prune": False,
+        "ttl": 3600.0,
+        "channel": "procrastinate_queue_v1#node.test",
+        "message": json.dumps({"type": "job_inserted"}),
+        "queue": "node.test",
+    }
+
+
+async def test_a_jobs_end_tells_its_caller_and_wakes_the_worker_in_the_statement_that_ends_it(
+    queue: JobQueue, postgres_url: str
+) -> None:
+    """FINISH_RECORD_AND_WAKE, what a node sends when a job somebody waits for is over: procrastinate's end of the
+    job (its row gone, the volume's job lock free), the outcome for the waiter, and the worker's wake-up for the
+    job queued behind it, in one statement; when the end cannot be recorded (the job is no longer `doing`: the
+    node settled it meanwhile) nothing of it is, and the node records the outcome on its own (RECORD_AND_WAKE)."""
+    db = Database(postgres_url, 2)
+    woken: list[str] = []
+    listener = await asyncpg.connect(asyncpg_dsn(postgres_url))
+    await listener.add_listener("procrastinate_queue_v1#node.test", lambda *heard: woken.append(heard[-1]))
+    try:
+        first, second = await _doing_and_waiting(db)
+        waiting = asyncio.create_task(queue.wait(first, 10, node="test", op="capacity"))
+        await asyncio.sleep(0.05)
+        woken.clear()  # the defers' own notifications
+        async with await psycopg.AsyncConnection.connect(asyncpg_dsn(postgres_url), autocommit=True) as connection:
+            await connection.execute(FINISH_RECORD_AND_WAKE, _end_args(first, True, queue.codec.encode({"free": 7})))
+            assert await waiting == {"free": 7}
+            async with db.read() as session:
+                left = (await session.execute(text("SELECT id, status FROM procrastinate_jobs ORDER BY id"))).all()
+            assert [tuple(row) for row in left] == [(second, "todo")]
+            await asyncio.sleep(0.1)
+            assert woken == [json.dumps({"type": "job_inserted"})]
+
+            # the same end again: the job is gone, so the statement fails and records no outcome either
+            late = asyncio.create_task(queue.wait(first, 1.5, node="test", op="capacity"))
+            with pytest.raises(psycopg.errors.RaiseException, match="not found"):
+                await connection.execute(FINISH_RECORD_AND_WAKE, _end_args(first, False, "late"))
+            with pytest.raises(JobTimeout):
+                await late
+            assert await rows(postgres_url, first) == 0
+    finally:
+        await listener.close()
+        async with db.autocommit() as session:
+            await session.execute(text("DELETE FROM procrastinate_jobs WHERE queue_name = 'node.test'"))
+        await db.dispose()
+
+
+async def test_a_job_whose_end_failed_to_record_still_tells_its_caller(queue: JobQueue, postgres_url: str) -> None:
+    """The node's side of it (NodeAgent._finish, _job_ended) on a real procrastinate connector: procrastinate is
+    told its end failed, as when its own statement fails, and the outcome reaches the caller by itself."""
+    import procrastinate
+    from procrastinate.exceptions import ConnectorException
+    from procrastinate.jobs import Status
+
+    from app.node import NodeAgent, finishing_manager
+    from tests.conftest import make_settings
+
+    agent = NodeAgent(make_settings(postgres_url, node_name="test"))
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=asyncpg_dsn(postgres_url)))
+    manager = finishing_manager(app.connector, agent._finish)
+    job_id = random.randrange(10**12, 10**13)  # no such job: procrastinate's end of it fails
+    async with app.open_async():
+        waiting = asyncio.create_task(queue.wait(job_id, 10, node="test", op="capacity"))
+        agent._ends[job_id] = end = _End(told=(True, queue.codec.encode({"free": 9})), deadline=time.time() + 10)
+        with pytest.raises(ConnectorException):
+            await manager.finish_job(
+                procrastinate.jobs.Job(
+                    id=job_id, queue="node.test", lock=None, queueing_lock=None, task_name="tether.node_op"
+                ),
+                Status.SUCCEEDED,
+                True,
+            )
+        assert not end.recorded
+        agent._job_ended(app, job_id)
+        assert await waiting == {"free": 9}
+        await asyncio.gather(*agent._wakes)
