@@ -115,7 +115,7 @@ class Volume(SQLModel, table=True):
     name: str | None = Field(default=None, max_length=255)
     description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     size: int
-    status: str = Field(default=VolumeStatus.CREATING, max_length=32, index=True)
+    status: str = Field(default=VolumeStatus.CREATING, max_length=32)
     attach_status: str = Field(default=AttachStatus.DETACHED, max_length=32)
     availability_zone: str = Field(default="nova", max_length=255)
     volume_type_id: str | None = Field(
