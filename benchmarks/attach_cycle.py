@@ -15,8 +15,8 @@ against an API tier in remote mode, `--node-pid <pid>` (repeatable) adds the sto
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import contextlib
 import json
 import os
 import statistics

@@ -1,8 +1,9 @@
 """What a storage-node job costs PostgreSQL itself: the database server's CPU for each statement of one job's life
 (SPEC 10), one job after the other, each statement on the connection of the side that sends it.
 
-A job of remote mode is: the API tier's defer (app/queue.py), procrastinate's fetch and finish on the node, the
-node's outcome and notification (app/queue.py RECORD_AND_WAKE), and the API tier's removal of the outcome's row
+A job of remote mode is: the API tier's defer (app/queue.py), procrastinate's fetch on the node, the node's end of
+the job (procrastinate's finish, the outcome and its notification in one statement: app/queue.py
+FINISH_RECORD_AND_WAKE), and the API tier's removal of the outcome's row
 (batched in the server: one statement for many jobs; here one per job, the upper bound). Each statement is sent as
 its side sends it (asyncpg for the API tier, psycopg for the node) and timed by the PostgreSQL backend's own CPU
 time (`/proc/<backend pid>/schedstat`), so this needs PostgreSQL on this host. The numbers behind "what limits
@@ -25,12 +26,11 @@ import psycopg
 from procrastinate.manager import get_channel_for_queues
 
 from app.db.locks import asyncpg_dsn
-from app.queue import _DEFER, _DISCARD, CHANNEL, RECORD_AND_WAKE, RESULT_TTL, TASK, queue_of
+from app.queue import _DEFER, _DISCARD, CHANNEL, FINISH_RECORD_AND_WAKE, RESULT_TTL, TASK, queue_of
 from benchmarks.processes import DATABASE, bench_env, fresh_db
 
 NODE = "bench-node"
 FETCH = "SELECT id FROM procrastinate_fetch_job_v2(%(queues)s::varchar[], %(worker_id)s)"
-FINISH = "SELECT procrastinate_finish_job_v1(%(job_id)s, 'succeeded', true)"
 T = TypeVar("T")
 
 
@@ -68,12 +68,12 @@ async def main(jobs: int) -> None:
         row = await (await timed("fetch (node, procrastinate)", node_pid, fetch, measured)).fetchone()
         assert row is not None, "the job just deferred was not fetched"
         job_id = int(row[0])
-        await timed("finish (node, procrastinate)", node_pid, node.execute(FINISH, {"job_id": job_id}), measured)
         outcome = json.dumps({"value": None})
         values = {"job_id": job_id, "ok": True, "result": outcome, "done": CHANNEL, "payload": f"{job_id} 1 {outcome}"}
         values |= {"prune": False, "ttl": RESULT_TTL, "channel": channel, "message": '{"type": "job_inserted"}'}
-        record = node.execute(RECORD_AND_WAKE, {**values, "queue": queue})
-        await timed("outcome + notify (node)", node_pid, record, measured)
+        values |= {"status": "succeeded", "delete_job": True}
+        end = node.execute(FINISH_RECORD_AND_WAKE, {**values, "queue": queue})
+        await timed("finish + outcome + notify (node)", node_pid, end, measured)
         await timed("outcome row removed (API)", api_pid, api.execute(_DISCARD, [job_id]), measured)
     await api.close()
     await node.close()
