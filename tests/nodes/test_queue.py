@@ -50,25 +50,31 @@ async def queue(postgres_url: str) -> AsyncIterator[JobQueue]:
         await jobs.close()
 
 
-async def node_ends(url: str, job_id: int, ok: bool, result: Any) -> None:
-    """What a node does when a job somebody waits for has ended, on a connection like its pool's."""
+def _end_args(job_id: int, ok: bool, result: Any) -> dict[str, Any]:
+    """What a node sends when a job of queue node.test ends (the FINISH_ statements' arguments, which
+    RECORD_AND_WAKE's are a part of)."""
     encoded = json.dumps(result)
+    return {
+        "job_id": job_id,
+        "status": "succeeded",
+        "delete_job": True,
+        "ok": ok,
+        "result": encoded,
+        "done": CHANNEL,
+        "payload": notification(job_id, ok, encoded),
+        "prune": False,
+        "ttl": 3600.0,
+        "channel": "procrastinate_queue_v1#node.test",
+        "message": json.dumps({"type": "job_inserted"}),
+        "queue": "node.test",
+    }
+
+
+async def node_ends(url: str, job_id: int, ok: bool, result: Any) -> None:
+    """What a node does when a job somebody waits for has ended and procrastinate recorded its end, on a
+    connection like its pool's."""
     async with await psycopg.AsyncConnection.connect(asyncpg_dsn(url), autocommit=True) as connection:
-        await connection.execute(
-            RECORD_AND_WAKE,
-            {
-                "job_id": job_id,
-                "ok": ok,
-                "result": encoded,
-                "done": CHANNEL,
-                "payload": notification(job_id, ok, encoded),
-                "prune": False,
-                "ttl": 3600.0,
-                "channel": "procrastinate_queue_v1#node.test",
-                "message": json.dumps({"type": "job_inserted"}),
-                "queue": "node.test",
-            },
-        )
+        await connection.execute(RECORD_AND_WAKE, _end_args(job_id, ok, result))
 
 
 async def rows(url: str, job_id: int) -> int:
@@ -172,24 +178,6 @@ async def _doing_and_waiting(db: Database) -> tuple[int, int]:
         second = int(await session.scalar(defer))
         await session.execute(text("UPDATE procrastinate_jobs SET status = 'doing' WHERE id = :id"), {"id": first})
     return first, second
-
-
-def _end_args(job_id: int, ok: bool, result: Any) -> dict[str, Any]:
-    encoded = json.dumps(result)
-    return {
-        "job_id": job_id,
-        "status": "succeeded",
-        "delete_job": True,
-        "ok": ok,
-        "result": encoded,
-        "done": CHANNEL,
-        "payload": notification(job_id, ok, encoded),
-        "prune": False,
-        "ttl": 3600.0,
-        "channel": "procrastinate_queue_v1#node.test",
-        "message": json.dumps({"type": "job_inserted"}),
-        "queue": "node.test",
-    }
 
 
 async def test_a_jobs_end_tells_its_caller_and_wakes_the_worker_in_the_statement_that_ends_it(
