@@ -153,7 +153,8 @@ class Database:
     async def statements(self, *, write: bool) -> AsyncIterator[AsyncSession | Any]:
         """Where app/db/prepared.py's statements run, each by itself. PostgreSQL: the asyncpg connection of a
         pooled connection, each statement committed on its own (as in autocommit()); a write takes a write slot.
-        A connection that failed under it is invalidated, not returned to the pool. SQLite: a session, in a write
+        A connection that failed under it is invalidated, not returned to the pool, and the pool's older ones with
+        it. SQLite: a session, in a write
         transaction or a read."""
         if self.is_sqlite:
             async with self.write() if write else self.read() as session:
@@ -169,7 +170,10 @@ class Database:
                 yield driver
             except Exception as error:
                 if database_unavailable(error) or driver.is_closed() or _driver_broke(error):
-                    pooled.invalidate(error)
+                    # as SQLAlchemy does on a session's disconnect: this connection now, and every other of its
+                    # generation at its next checkout (a restarted database left them all dead: one 503, not one
+                    # per pooled connection)
+                    self.engine.pool._invalidate(pooled, error)
                     if not isinstance(error, TetherError):
                         raise DatabaseUnavailable() from error
                 raise

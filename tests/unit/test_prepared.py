@@ -84,6 +84,35 @@ async def test_a_connection_that_dropped_is_a_503_and_never_served_again(db: Dat
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_after_a_database_restart_one_statement_is_a_503_and_the_next_gets_a_new_connection(db: Database) -> None:
+    """A restart leaves every pooled connection dead. The first one a statement meets is a 503, and the rest of
+    its generation is replaced at checkout (as SQLAlchemy does for a session's disconnect), not one 503 per
+    pooled connection: the cluster's restart test had a connect right after it answered 503 twice."""
+    small = Database(db.url, pool_size=3)
+
+    async def pid_of() -> int:
+        async with small.statements(write=False) as on:
+            await on.fetchval("SELECT pg_sleep(0.05)")
+            return int(await on.fetchval("SELECT pg_backend_pid()"))
+
+    try:
+        pids = set(await asyncio.gather(*(pid_of() for _ in range(3))))  # three connections in the pool
+        assert len(pids) == 3
+        async with db.write() as session:
+            await session.execute(
+                text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:pids AS int[])) AS pid"), {"pids": list(pids)}
+            )
+        with pytest.raises(DatabaseUnavailable):
+            async with small.statements(write=False) as on:
+                await on.fetchval("SELECT 1")
+        for _ in range(3):
+            async with small.statements(write=False) as on:
+                assert await on.fetchval("SELECT pg_backend_pid()") not in pids
+    finally:
+        await small.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_more_statements_at_once_than_the_pool_keeps_return_every_connection_cleanly(
     db: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
