@@ -68,12 +68,11 @@ SETTLE_AFTER = 5.0
 
 @dataclass
 class _End:
-    """What a running job leaves for its end: the outcome for its caller (None: nobody waits), the caller's
-    deadline, and whether the statement that finished the job also recorded these."""
+    """What a running job leaves for its end: the outcome for its caller (None: nobody waits) and the caller's
+    deadline."""
 
     told: tuple[bool, Any] | None = None
     deadline: float = 0.0
-    recorded: bool = False
 
 
 def finishing_manager(connector: Any, finish: Any) -> Any:
@@ -208,7 +207,7 @@ class NodeAgent:
         self.metrics = Metrics()
         # the jobs this process ran to the end: job id -> when (monotonic), newest last
         self._finished: OrderedDict[int, float] = OrderedDict()
-        # the running jobs' ends, by job id
+        # the ends of the running jobs not yet recorded, by job id
         self._ends: dict[int, _End] = {}
 
     async def run(self) -> None:
@@ -398,15 +397,14 @@ class NodeAgent:
             )
         else:
             await manager.connector.execute_query_async(FINISH_AND_WAKE, **args)
-        if end is not None:
-            end.recorded = True
+        self._ends.pop(job.id, None)  # told and woken
 
     def _job_ended(self, app: Any, job_id: int) -> None:
         """A job's task is over. Its end, recorded by _finish, told its caller and woke the worker; when that
         statement failed (or never ran), the outcome for its caller and the worker's wake-up are sent now, in
         one statement."""
         end = self._ends.pop(job_id, None)
-        if end is None or end.recorded:
+        if end is None:  # recorded
             return
         told = end.told
         task = self._answer(app, job_id, *told, end.deadline) if told is not None else self._wake(app)

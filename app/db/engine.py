@@ -154,8 +154,7 @@ class Database:
         """Where app/db/prepared.py's statements run, each by itself. PostgreSQL: the asyncpg connection of a
         pooled connection, each statement committed on its own (as in autocommit()); a write takes a write slot.
         A connection that failed under it is invalidated, not returned to the pool, and the pool's older ones with
-        it. SQLite: a session, in a write
-        transaction or a read."""
+        it. SQLite: a session, in a write transaction or a read."""
         if self.is_sqlite:
             async with self.write() if write else self.read() as session:
                 yield session
