@@ -238,14 +238,10 @@ class JobQueue:
         (row,) = await _DEFER.rows(
             session, {"queue": queue_of(node), "task": TASK, "lock": lock, "args": json.dumps({"job": payload})}
         )
-        job_id = int(row.id)
-        if wait:  # listening before the commit; an autocommitted job's outcome may have been heard already (_early)
-            self._waiter(job_id)
-        return job_id
-
-    def forget(self, job_id: int) -> None:
-        """The transaction that deferred it rolled back: nobody will hear of it."""
-        self._waiters.pop(job_id, None)
+        # its waiter is made by wait(), not here: a job whose transaction rolls back is never awaited, and a
+        # waiter made for it would stay until the process ends. An outcome heard between the commit and wait()
+        # (an autocommitted defer's, or a quick node's) waits for it in _early.
+        return int(row.id)
 
     async def wait(self, job_id: int, deadline_s: float, *, node: str = "", op: str = "") -> Any:
         """The job's result, or JobFailed with the node's message, or JobTimeout past `deadline_s` seconds."""

@@ -248,3 +248,35 @@ async def test_a_job_whose_end_failed_to_record_still_tells_its_caller(queue: Jo
         agent._job_ended(app, job_id)
         assert await waiting == {"free": 9}
         await asyncio.gather(*agent._wakes)
+
+
+async def test_a_job_whose_transaction_rolled_back_leaves_no_waiter_and_the_next_job_is_heard(
+    queue: JobQueue, postgres_url: str
+) -> None:
+    """A claim that fails after its job was deferred rolls the job back with it: nobody will wait for that job,
+    and the process must not keep a waiter for it (one per failed claim, until the process ended)."""
+    db = Database(postgres_url, 2)
+    try:
+        deferred: list[int] = []
+
+        async def claim_failing_after_its_job() -> None:
+            async with db.write() as session:
+                deferred.append(await queue.defer(session, "test", None, "capacity", (), "req-rolled-back"))
+                raise RuntimeError("the claim failed after its job")
+
+        with pytest.raises(RuntimeError):
+            await claim_failing_after_its_job()
+        (rolled_back,) = deferred
+        async with db.autocommit() as session:
+            assert not await session.scalar(
+                text("SELECT count(*) FROM procrastinate_jobs WHERE id = :id"), {"id": rolled_back}
+            )
+            job_id = await queue.defer(session, "test", None, "capacity", (), "req-kept", deadline_s=10)
+        assert queue._waiters == {}, "a job deferred in a rolled-back transaction is still awaited"
+        await node_ends(postgres_url, job_id, True, queue.codec.encode({"free": 5}))  # heard before its wait
+        assert await asyncio.wait_for(queue.wait(job_id, 10), 0.9) == {"free": 5}
+        assert queue._waiters == {}
+    finally:
+        async with db.autocommit() as session:
+            await session.execute(text("DELETE FROM procrastinate_jobs WHERE queue_name = 'node.test'"))
+        await db.dispose()
