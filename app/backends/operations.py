@@ -34,6 +34,9 @@ class StorageOps:
     def __init__(self, backends: Backends, capacity_cap_bytes: int | None = None) -> None:
         self.backends = backends
         self.capacity_cap_bytes = capacity_cap_bytes
+        # asked once: isinstance() against a runtime-checkable Protocol walks all its members each time (~1.5% of
+        # an embedded server's CPU when it was asked on every connect and disconnect, issue 17)
+        self._connecting = backends.target if isinstance(backends.target, ConnectingTarget) else None
 
     def create_volume(self, volume: VolumeRef) -> None:
         self.backends.volumes.create(volume)
@@ -46,11 +49,10 @@ class StorageOps:
 
     def connect(self, volume: VolumeRef, chap: Chap, initiator: str) -> ExportInfo:
         """The export (made on the first connect) and this initiator's ACL."""
-        target = self.backends.target
-        if isinstance(target, ConnectingTarget):
-            return target.connect(volume, self.backends.volumes.path(volume), chap, initiator)
+        if self._connecting is not None:
+            return self._connecting.connect(volume, self.backends.volumes.path(volume), chap, initiator)
         export = self.create_export(volume, chap)
-        target.add_initiator(volume, initiator)
+        self.backends.target.add_initiator(volume, initiator)
         return export
 
     def add_initiator(self, volume: VolumeRef, initiator: str) -> None:
@@ -64,10 +66,10 @@ class StorageOps:
 
     def disconnect(self, volume: VolumeRef, initiators: Sequence[str], export: bool) -> None:
         """The ACLs nothing uses any more, then the export when no attachment is left."""
-        target = self.backends.target
-        if isinstance(target, ConnectingTarget):
-            target.disconnect(volume, initiators, export)
+        if self._connecting is not None:
+            self._connecting.disconnect(volume, initiators, export)
             return
+        target = self.backends.target
         for initiator in initiators:
             target.remove_initiator(volume, initiator)
         if export:
