@@ -165,7 +165,7 @@ class JobQueue:
         with contextlib.suppress(ValueError):
             job_id = int(head)
             waiter = self._waiters.get(job_id)
-            if waiter is None:  # another process's job, or one of ours whose defer has not returned yet
+            if waiter is None:  # another process's job, or one of ours not awaited yet (committed a moment ago)
                 self._early[job_id] = outcome
                 if len(self._early) > _EARLY_KEPT:
                     self._early.popitem(last=False)
