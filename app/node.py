@@ -16,6 +16,7 @@ import select
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from app.backends.base import BackendError, Backends, Capacity
@@ -390,7 +391,7 @@ class NodeAgent:
         fails (the database went away), procrastinate sees its own statement fail, as before, and the outcome
         is recorded on its own when the job's task is over (_job_ended); _settle ends the job later."""
         end = self._ends.get(job.id)
-        args = {"job_id": job.id, "status": status.value, "delete_job": delete_job, **self._wake_args()}
+        args = {"job_id": job.id, "status": status.value, "delete_job": delete_job, **self._wake_args}
         if end is not None and end.told is not None:
             await manager.connector.execute_query_async(
                 FINISH_RECORD_AND_WAKE, **args, **self._outcome_args(job.id, *end.told)
@@ -412,7 +413,9 @@ class NodeAgent:
         self._wakes.add(ending)
         ending.add_done_callback(self._wakes.discard)
 
+    @cached_property
     def _wake_args(self) -> dict[str, str]:
+        """The wake-up's arguments: the same for every job of this node (its queue and that queue's channel)."""
         from procrastinate.manager import get_channel_for_queues
 
         queue = queue_of(self.settings.node_name)
@@ -437,7 +440,7 @@ class NodeAgent:
         interrupted)."""
         from procrastinate.exceptions import ConnectorException
 
-        args = {"job_id": job_id, **self._outcome_args(job_id, ok, result), **self._wake_args()}
+        args = {"job_id": job_id, **self._outcome_args(job_id, ok, result), **self._wake_args}
         delay = 0.1
         while True:
             try:
@@ -453,7 +456,7 @@ class NodeAgent:
 
     async def _wake(self, app: Any) -> None:
         try:
-            await app.connector.execute_query_async(WAKE, **self._wake_args())
+            await app.connector.execute_query_async(WAKE, **self._wake_args)
         except Exception as error:  # the poll finds the job anyway
             log.debug("waking the job worker failed: %s", error)
 
